@@ -1,0 +1,31 @@
+"""jxent: exact, fast information theory for language-model training in JAX."""
+
+from ._information import cross_entropy as cross_entropy
+from ._information import entropy as entropy
+from ._information import entropy_from_logits as entropy_from_logits
+from ._information import information_content as information_content
+from ._information import js_divergence as js_divergence
+from ._information import kl_divergence as kl_divergence
+from ._information import kl_divergence_from_logits as kl_divergence_from_logits
+from ._sequence import NLLStats as NLLStats
+from ._sequence import nll_stats as nll_stats
+from ._sequence import perplexity as perplexity
+from ._sequence import sequence_nll as sequence_nll
+from ._softmax import softmax_cross_entropy as softmax_cross_entropy
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "NLLStats",
+    "cross_entropy",
+    "entropy",
+    "entropy_from_logits",
+    "information_content",
+    "js_divergence",
+    "kl_divergence",
+    "kl_divergence_from_logits",
+    "nll_stats",
+    "perplexity",
+    "sequence_nll",
+    "softmax_cross_entropy",
+]

@@ -1,0 +1,246 @@
+"""Argument and shape validation, with the error wording shared by every module.
+
+Everything here runs at trace time on static information (shapes, dtypes and
+plain Python options) or, for the value checks, only on concrete (eager)
+arrays: inside ``jit`` a value check cannot raise, and the functions document
+what they return instead.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+REDUCTIONS = ("mean", "sum", "none")
+NORMALIZATIONS = ("tokens", "sequences", "sum", "none")
+
+
+def is_concrete(*xs: Any) -> bool:
+    """True when none of ``xs`` is a tracer, i.e. values can be inspected now."""
+    return not any(isinstance(x, jax.core.Tracer) for x in xs if x is not None)
+
+
+def float_dtype(*dtypes) -> jnp.dtype:
+    """The dtype a computation runs in: float32, or float64 under ``jax_enable_x64``.
+
+    bf16 and f16 are upcast to float32 (DESIGN: low precision is computed and
+    returned in float32). Under x64, float64 wins, and integer-only inputs take
+    the default float type (float64), as ``jnp.asarray(1) * 1.0`` would.
+    """
+    if not jax.config.jax_enable_x64:
+        return jnp.dtype(jnp.float32)
+    dtypes = [jnp.dtype(d) for d in dtypes]
+    if any(d == jnp.float64 for d in dtypes) or not any(
+        jnp.issubdtype(d, jnp.inexact) for d in dtypes
+    ):
+        return jnp.dtype(jnp.float64)
+    return jnp.dtype(jnp.float32)
+
+
+def as_float_array(x: Any, name: str, dtype=None) -> jax.Array:
+    """``x`` as a real floating array (integers accepted, complex rejected)."""
+    x = jnp.asarray(x)
+    if jnp.issubdtype(x.dtype, jnp.complexfloating):
+        raise TypeError(f"{name} must be real, got dtype {x.dtype}")
+    if dtype is None:
+        dtype = float_dtype(x.dtype)
+    return x.astype(dtype)
+
+
+def check_base(base: Any) -> float | None:
+    """Validate a logarithm base; return ``ln(base)`` (``None`` means nats)."""
+    if base is None:
+        return None
+    if isinstance(base, bool) or not isinstance(base, (int, float, np.integer, np.floating)):
+        raise TypeError(
+            f"base must be None (nats) or a positive number != 1 given as a Python "
+            f"value, got {base!r} of type {type(base).__name__}"
+        )
+    base = float(base)
+    if not (base > 0) or base == 1 or math.isinf(base):
+        raise ValueError(
+            f"base must be None (nats), 2 (bits) or another finite number b > 0 with "
+            f"b != 1, got {base!r}"
+        )
+    return math.log(base)
+
+
+def to_base(value: jax.Array, log_base: float | None) -> jax.Array:
+    return value if log_base is None else value / log_base
+
+
+def check_axis(axis: Any, ndim: int, name: str = "axis", arg: str = "logits") -> int:
+    """Normalise ``axis`` to a non-negative int, with a clear error when out of range."""
+    if isinstance(axis, bool) or not isinstance(axis, (int, np.integer)):
+        raise TypeError(f"{name} must be an int, got {axis!r}")
+    if not -ndim <= axis < ndim:
+        raise ValueError(
+            f"{name}={axis} is out of range for {arg} with {ndim} dimension(s); "
+            f"expected -{ndim} <= {name} < {ndim}"
+        )
+    return int(axis) % ndim
+
+
+def check_option(value: Any, name: str, valid: Sequence[str]) -> str:
+    if value not in valid:
+        raise ValueError(
+            f"{name} must be one of {', '.join(repr(v) for v in valid)}; got {value!r}"
+        )
+    return value
+
+
+def check_fraction(value: Any, name: str) -> float:
+    if isinstance(value, jax.core.Tracer):
+        raise TypeError(f"{name} must be a static Python float, got a traced value")
+    try:
+        v = float(value)
+    except (TypeError, ValueError):
+        raise TypeError(f"{name} must be a float in [0, 1], got {value!r}") from None
+    if not 0.0 <= v <= 1.0:
+        raise ValueError(f"{name} must be in [0, 1], got {value!r}")
+    return v
+
+
+def check_nonnegative_float(value: Any, name: str) -> float:
+    if isinstance(value, jax.core.Tracer):
+        raise TypeError(f"{name} must be a static Python float, got a traced value")
+    try:
+        v = float(value)
+    except (TypeError, ValueError):
+        raise TypeError(f"{name} must be a non-negative float, got {value!r}") from None
+    if not (v >= 0.0) or math.isinf(v):
+        raise ValueError(f"{name} must be a finite float >= 0, got {value!r}")
+    return v
+
+
+def check_softcap(value: Any) -> float | None:
+    if value is None:
+        return None
+    if isinstance(value, jax.core.Tracer):
+        raise TypeError("logit_softcap must be None or a static Python float > 0")
+    try:
+        v = float(value)
+    except (TypeError, ValueError):
+        raise TypeError(f"logit_softcap must be None or a float > 0, got {value!r}") from None
+    if not (v > 0.0) or math.isinf(v):
+        raise ValueError(f"logit_softcap must be None or a finite float > 0, got {value!r}")
+    return v
+
+
+def check_broadcastable(a_shape, b_shape, a_name: str, b_name: str) -> tuple[int, ...]:
+    try:
+        return tuple(np.broadcast_shapes(tuple(a_shape), tuple(b_shape)))
+    except ValueError:
+        raise ValueError(
+            f"{a_name} has shape {tuple(a_shape)} and {b_name} has shape {tuple(b_shape)}, "
+            "which do not broadcast together"
+        ) from None
+
+
+def check_where(where: Any, shape: tuple[int, ...], name: str, against: str) -> jax.Array | None:
+    """A boolean mask that broadcasts to ``shape`` (for the information functions)."""
+    if where is None:
+        return None
+    where = jnp.asarray(where)
+    if where.dtype != jnp.bool_:
+        raise TypeError(
+            f"where must be a boolean array (True = counted), got dtype {where.dtype}; "
+            "use `where=mask.astype(bool)`"
+        )
+    try:
+        out = np.broadcast_shapes(where.shape, tuple(shape))
+    except ValueError:
+        out = None
+    if out != tuple(shape):
+        raise ValueError(
+            f"where has shape {where.shape}, which does not broadcast to {against} "
+            f"shape {tuple(shape)}"
+        )
+    return jnp.broadcast_to(where, shape)
+
+
+def check_nonnegative(x: jax.Array, name: str) -> None:
+    """Eager-only check that probabilities are not negative."""
+    if is_concrete(x):
+        arr = np.asarray(x)
+        if arr.size and np.any(arr < 0):
+            bad = arr[arr < 0].ravel()[0]
+            raise ValueError(
+                f"{name} must hold probabilities >= 0, but it contains {bad!r}; "
+                "inputs are not renormalised or clipped"
+            )
+
+
+def check_loss_mask(where: Any, target_shape: tuple[int, ...]) -> jax.Array | None:
+    """A position mask for the losses: boolean, exactly the targets' shape."""
+    if where is None:
+        return None
+    where = jnp.asarray(where)
+    if where.dtype != jnp.bool_:
+        raise TypeError(
+            f"where must be a boolean array (True = counted), got dtype {where.dtype}; "
+            "use `where=mask.astype(bool)`"
+        )
+    if where.shape != tuple(target_shape):
+        raise ValueError(
+            f"where has shape {where.shape} but the targets' positions have shape "
+            f"{tuple(target_shape)}; a loss mask marks whole positions"
+        )
+    return where
+
+
+def check_class_weights(class_weights: Any, num_classes: int, what: str) -> jax.Array | None:
+    if class_weights is None:
+        return None
+    w = jnp.asarray(class_weights)
+    if not jnp.issubdtype(w.dtype, jnp.floating) and not jnp.issubdtype(w.dtype, jnp.integer):
+        raise TypeError(f"class_weights must be a real array, got dtype {w.dtype}")
+    if w.shape != (num_classes,):
+        raise ValueError(
+            f"class_weights has shape {w.shape} but {what} has {num_classes} classes; "
+            f"expected ({num_classes},)"
+        )
+    return w
+
+
+def integer_targets_info(targets: jax.Array, num_classes: int, ignore_index: int | None):
+    """Split integer targets into (index for the gather, ignored mask, in-range mask).
+
+    The comparisons run in the targets' own dtype (no wrap-around of large or
+    negative values). ``index`` is int32: the class for in-range targets and
+    ``num_classes`` (one past the end, so a gather in ``"fill"`` mode gives NaN
+    and ``checkify`` flags it) for out-of-range ones; never a wrapped class.
+    """
+    info = jnp.iinfo(targets.dtype)
+    if ignore_index is not None and info.min <= ignore_index <= info.max:
+        ignored = targets == jnp.asarray(ignore_index, targets.dtype)
+    else:
+        ignored = jnp.zeros(targets.shape, bool)
+    if num_classes <= info.max:
+        below = targets < jnp.asarray(num_classes, targets.dtype)
+    else:
+        below = jnp.ones(targets.shape, bool)
+    in_range = below & (targets >= 0) if info.min < 0 else below
+    index = jnp.where(in_range, targets, 0).astype(jnp.int32)
+    index = jnp.where(in_range, index, jnp.int32(num_classes))
+    return index, ignored, in_range
+
+
+def check_targets_in_range(targets, counted, in_range, num_classes: int, ignore_index) -> None:
+    """Eager-only: counted targets must be valid classes."""
+    if not is_concrete(targets, counted):
+        return
+    bad = np.asarray(counted) & ~np.asarray(in_range)
+    if bad.any():
+        values = np.asarray(targets)[bad]
+        hint = "" if ignore_index is None else f" or ignore_index={ignore_index}"
+        raise ValueError(
+            f"targets must be class indices in [0, {num_classes}){hint}; "
+            f"got {int(values.ravel()[0])} at position {tuple(int(i) for i in np.argwhere(bad)[0])}"
+            f" ({int(bad.sum())} out-of-range target(s) in all)"
+        )

@@ -1,0 +1,382 @@
+"""Information theory on probability vectors and on logits.
+
+Every function is elementwise along a distribution ``axis`` (default ``-1``)
+and sums over it; all other axes are batch axes. Conventions shared by all:
+
+* ``0 · log 0 = 0`` and ``0 · log q = 0`` for any ``q`` (also ``q = 0``);
+  ``p · log 0 = -inf`` for ``p > 0``, so cross-entropy and KL are ``+inf``
+  where ``q = 0 < p`` -- the math, not a clipped number.
+* Inputs are used as given: **not renormalised and not clipped**
+  (``scipy.stats.entropy`` renormalises; jxent does not).
+* ``where`` (boolean, broadcast against ``p``) drops entries from the sum
+  over ``axis``, like numpy's ``where=``; masked entries may hold anything,
+  NaN and inf included, without touching values or gradients.
+* ``base=None`` gives nats, ``base=2`` bits, any other ``b > 0, b != 1``
+  divides by ``ln b``.
+* Gradients are finite wherever the value is finite. At an exact ``p = 0``
+  the derivative of ``-p log p`` (one-sided ``+inf``) is taken as 0.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from jaxtyping import Array, ArrayLike, Bool, Float
+
+from ._checks import (
+    as_float_array,
+    check_axis,
+    check_base,
+    check_broadcastable,
+    check_nonnegative,
+    check_where,
+    float_dtype,
+    to_base,
+)
+
+__all__ = [
+    "information_content",
+    "entropy",
+    "cross_entropy",
+    "kl_divergence",
+    "js_divergence",
+    "entropy_from_logits",
+    "kl_divergence_from_logits",
+]
+
+
+def _xlogy(x: jax.Array, y: jax.Array) -> jax.Array:
+    """``x · log y`` with ``0 · log y = 0`` and gradients that never turn NaN.
+
+    The double ``where``: ``y`` is replaced by 1 wherever ``x == 0`` before the
+    log, so neither branch of the outer ``where`` can produce ``0 · inf``.
+    """
+    nonzero = x != 0
+    safe_y = jnp.where(nonzero, y, 1)
+    return jnp.where(nonzero, x * jnp.log(safe_y), 0)
+
+
+def _prepare(p, q, where, axis: int | None, names=("p", "q")):
+    """Float arrays of one common (broadcast) shape, masked entries neutralised."""
+    p = jnp.asarray(p)
+    arrays = [p] if q is None else [p, jnp.asarray(q)]
+    dtype = float_dtype(*(a.dtype for a in arrays))
+    arrays = [as_float_array(a, n, dtype) for a, n in zip(arrays, names)]
+    shape = arrays[0].shape
+    if q is not None:
+        shape = check_broadcastable(arrays[0].shape, arrays[1].shape, *names)
+        arrays = [jnp.broadcast_to(a, shape) for a in arrays]
+    if axis is not None:
+        if len(shape) == 0:
+            raise ValueError(
+                f"{names[0]} is a scalar, but a distribution needs at least one axis; "
+                "pass a vector of probabilities"
+            )
+        axis = check_axis(axis, len(shape), arg=names[0])
+    mask = check_where(where, shape, "where", names[0])
+    return arrays, mask, axis
+
+
+def information_content(
+    p: Float[ArrayLike, "*shape"], *, base: float | None = None
+) -> Float[Array, "*shape"]:
+    """Information content (surprisal) ``I(p) = -log p``, elementwise.
+
+    Args:
+      p: probabilities, any shape; integers are accepted.
+      base: ``None`` for nats, ``2`` for bits, or any ``b > 0, b != 1``.
+
+    Returns:
+      ``-log p`` with the shape of ``p``; ``+inf`` where ``p = 0``.
+
+    Examples:
+      >>> import jxent
+      >>> float(jxent.information_content(0.5, base=2))  # a fair coin flip
+      1.0
+      >>> round(float(jxent.information_content(0.8)), 3)
+      0.223
+    """
+    log_base = check_base(base)
+    p = as_float_array(p, "p")
+    check_nonnegative(p, "p")
+    return to_base(-jnp.log(p), log_base)
+
+
+def entropy(
+    p: Float[ArrayLike, "*batch classes"],
+    *,
+    axis: int = -1,
+    where: Bool[ArrayLike, "*batch classes"] | None = None,
+    base: float | None = None,
+) -> Float[Array, " *batch"]:
+    """Shannon entropy ``H(p) = -Σ_c p_c log p_c`` along ``axis``.
+
+    Args:
+      p: probabilities ``[..., C, ...]``, summing to 1 along ``axis`` (not
+        checked, not renormalised).
+      axis: the distribution axis.
+      where: optional boolean mask broadcast against ``p``; False entries are
+        left out of the sum.
+      base: ``None`` for nats, ``2`` for bits.
+
+    Returns:
+      ``p``'s shape without ``axis``. ``0 log 0 = 0``, so a certain outcome
+      has entropy exactly 0; ``0 <= H(p) <= log C``.
+
+    Examples:
+      >>> import jxent
+      >>> float(jxent.entropy([0.5, 0.5], base=2))
+      1.0
+      >>> float(jxent.entropy([1.0, 0.0]))
+      0.0
+    """
+    log_base = check_base(base)
+    (p,), mask, axis = _prepare(p, None, where, axis, names=("p",))
+    check_nonnegative(p, "p")
+    if mask is not None:
+        p = jnp.where(mask, p, 0)
+    return to_base(-jnp.sum(_xlogy(p, p), axis=axis), log_base)
+
+
+def cross_entropy(
+    p: Float[ArrayLike, "*batch classes"],
+    q: Float[ArrayLike, "*batch classes"],
+    *,
+    axis: int = -1,
+    where: Bool[ArrayLike, "*batch classes"] | None = None,
+    base: float | None = None,
+) -> Float[Array, " *batch"]:
+    """Cross-entropy ``H(p, q) = -Σ_c p_c log q_c`` of model ``q`` under data ``p``.
+
+    ``H(p, q) = H(p) + KL(p‖q) >= H(p)``: the expected code length when
+    events drawn from ``p`` are coded with a code built for ``q``.
+
+    Args:
+      p: the true (data) distribution ``[..., C, ...]``.
+      q: the model distribution, broadcastable with ``p``.
+      axis: the distribution axis.
+      where: optional boolean mask broadcast against ``p``; False entries are
+        left out of the sum.
+      base: ``None`` for nats, ``2`` for bits.
+
+    Returns:
+      The broadcast shape without ``axis``. Terms with ``p = 0`` are 0;
+      ``+inf`` where ``q = 0 < p``.
+
+    Examples:
+      >>> import jxent
+      >>> round(float(jxent.cross_entropy([0.0, 1.0], [0.5, 0.5])), 3)
+      0.693
+    """
+    log_base = check_base(base)
+    (p, q), mask, axis = _prepare(p, q, where, axis)
+    check_nonnegative(p, "p")
+    check_nonnegative(q, "q")
+    if mask is not None:
+        p = jnp.where(mask, p, 0)
+        q = jnp.where(mask, q, 1)
+    return to_base(-jnp.sum(_xlogy(p, q), axis=axis), log_base)
+
+
+def kl_divergence(
+    p: Float[ArrayLike, "*batch classes"],
+    q: Float[ArrayLike, "*batch classes"],
+    *,
+    axis: int = -1,
+    where: Bool[ArrayLike, "*batch classes"] | None = None,
+    base: float | None = None,
+) -> Float[Array, " *batch"]:
+    """Kullback–Leibler divergence ``KL(p‖q) = Σ_c p_c (log p_c − log q_c)``.
+
+    ``p`` comes first, as in the math: the divergence of the model ``q`` from
+    the data ``p``. (``optax.losses.kl_divergence(log_predictions, targets)``
+    takes the model first; ``scipy.special.rel_entr(p, q)`` sums to this.)
+    ``KL >= 0`` (Gibbs), ``KL(p‖p) = 0``, and in general ``KL(p‖q) != KL(q‖p)``.
+
+    Args:
+      p: the reference distribution ``[..., C, ...]``.
+      q: the approximating distribution, broadcastable with ``p``.
+      axis: the distribution axis.
+      where: optional boolean mask broadcast against ``p``.
+      base: ``None`` for nats, ``2`` for bits.
+
+    Returns:
+      The broadcast shape without ``axis``; ``+inf`` where ``q = 0 < p``.
+
+    Examples:
+      >>> import jxent
+      >>> round(float(jxent.kl_divergence([0.5, 0.5], [0.9, 0.1])), 4)
+      0.5108
+      >>> round(float(jxent.kl_divergence([0.9, 0.1], [0.5, 0.5])), 4)
+      0.3681
+    """
+    log_base = check_base(base)
+    (p, q), mask, axis = _prepare(p, q, where, axis)
+    check_nonnegative(p, "p")
+    check_nonnegative(q, "q")
+    if mask is not None:
+        p = jnp.where(mask, p, 0)
+        q = jnp.where(mask, q, 1)
+    return to_base(jnp.sum(_xlogy(p, p) - _xlogy(p, q), axis=axis), log_base)
+
+
+def js_divergence(
+    p: Float[ArrayLike, "*batch classes"],
+    q: Float[ArrayLike, "*batch classes"],
+    *,
+    axis: int = -1,
+    where: Bool[ArrayLike, "*batch classes"] | None = None,
+    base: float | None = None,
+) -> Float[Array, " *batch"]:
+    """Jensen–Shannon divergence ``JS(p, q) = ½ KL(p‖m) + ½ KL(q‖m)``, ``m = ½(p + q)``.
+
+    Symmetric, finite even where one distribution has zeros, and
+    ``0 <= JS <= log 2`` (1 bit).
+
+    Args:
+      p: a distribution ``[..., C, ...]``.
+      q: another, broadcastable with ``p``.
+      axis: the distribution axis.
+      where: optional boolean mask broadcast against ``p``.
+      base: ``None`` for nats, ``2`` for bits.
+
+    Returns:
+      The broadcast shape without ``axis``.
+
+    Examples:
+      >>> import jxent
+      >>> float(jxent.js_divergence([1.0, 0.0], [0.0, 1.0], base=2))
+      1.0
+    """
+    log_base = check_base(base)
+    (p, q), mask, axis = _prepare(p, q, where, axis)
+    check_nonnegative(p, "p")
+    check_nonnegative(q, "q")
+    if mask is not None:
+        p = jnp.where(mask, p, 0)
+        q = jnp.where(mask, q, 0)
+    m = 0.5 * (p + q)
+    terms = 0.5 * (_xlogy(p, p) - _xlogy(p, m) + _xlogy(q, q) - _xlogy(q, m))
+    return to_base(jnp.sum(terms, axis=axis), log_base)
+
+
+def _masked_log_softmax(logits: jax.Array, mask: jax.Array | None, axis: int):
+    """``log_softmax`` over the kept entries; dropped and ``-inf`` entries get ``-inf``.
+
+    Returns ``(log_probs, probs, usable)``. Dropped entries are replaced before
+    any arithmetic (double ``where``), so masked NaN/inf never reach a value or
+    a gradient; a slice with nothing usable gives all-zero ``probs``. NaN in a
+    kept entry is not hidden: it propagates.
+    """
+    usable = logits != -jnp.inf
+    if mask is not None:
+        usable = usable & mask
+    any_usable = jnp.any(usable, axis=axis, keepdims=True)
+    safe = jnp.where(usable, logits, 0)
+    top = jnp.max(jnp.where(usable, safe, -jnp.inf), axis=axis, keepdims=True)
+    top = jax.lax.stop_gradient(jnp.where(any_usable, top, 0))
+    shifted = jnp.where(usable, safe - top, 0)
+    exp = jnp.where(usable, jnp.exp(shifted), 0)
+    total = jnp.where(any_usable, jnp.sum(exp, axis=axis, keepdims=True), 1)
+    log_probs = jnp.where(usable, shifted - jnp.log(total), -jnp.inf)
+    return log_probs, exp / total, usable
+
+
+def _logits(x, name: str, dtype=None) -> jax.Array:
+    x = jnp.asarray(x)
+    if not jnp.issubdtype(x.dtype, jnp.floating):
+        raise TypeError(f"{name} must be a floating-point array of logits, got dtype {x.dtype}")
+    return x.astype(dtype or float_dtype(x.dtype))
+
+
+def entropy_from_logits(
+    logits: Float[ArrayLike, "*batch classes"],
+    *,
+    axis: int = -1,
+    where: Bool[ArrayLike, "*batch classes"] | None = None,
+    base: float | None = None,
+) -> Float[Array, " *batch"]:
+    """Entropy of ``softmax(logits)``: ``H = -Σ_c p_c log p_c``, computed in log space.
+
+    ``-inf`` logits are classes of probability zero (they add nothing, and
+    their gradient is 0). ``where`` drops entries as if they were not there:
+    the softmax runs over the kept entries only, so the result equals the
+    entropy of the sliced logits.
+
+    Args:
+      logits: unnormalised log-probabilities ``[..., C, ...]``.
+      axis: the class axis.
+      where: optional boolean mask broadcast against ``logits``.
+      base: ``None`` for nats, ``2`` for bits.
+
+    Returns:
+      ``logits``' shape without ``axis``; 0 where no class is kept.
+
+    Examples:
+      >>> import jax.numpy as jnp, jxent
+      >>> float(jxent.entropy_from_logits(jnp.zeros(4), base=2))
+      2.0
+      >>> float(jxent.entropy_from_logits(jnp.array([3.0, -jnp.inf])))
+      0.0
+    """
+    log_base = check_base(base)
+    logits = _logits(logits, "logits")
+    if logits.ndim == 0:
+        raise ValueError("logits is a scalar; a distribution needs a class axis")
+    axis = check_axis(axis, logits.ndim)
+    mask = check_where(where, logits.shape, "where", "logits")
+    log_p, p, usable = _masked_log_softmax(logits, mask, axis)
+    safe_log_p = jnp.where(usable, log_p, 0)
+    return to_base(-jnp.sum(p * safe_log_p, axis=axis), log_base)
+
+
+def kl_divergence_from_logits(
+    p_logits: Float[ArrayLike, "*batch classes"],
+    q_logits: Float[ArrayLike, "*batch classes"],
+    *,
+    axis: int = -1,
+    where: Bool[ArrayLike, "*batch classes"] | None = None,
+    base: float | None = None,
+) -> Float[Array, " *batch"]:
+    """``KL(softmax(p_logits) ‖ softmax(q_logits))``, computed in log space.
+
+    ``Σ_c p_c (log p_c − log q_c)`` with both log-softmaxes taken stably: the
+    distillation loss (teacher ``p``, student ``q``). ``-inf`` teacher logits
+    are zero-probability classes (no contribution); a ``-inf`` student logit
+    where the teacher has mass gives ``+inf``. ``where`` drops entries from
+    both softmaxes, as slicing would.
+
+    Args:
+      p_logits: the reference (teacher) logits ``[..., C, ...]``.
+      q_logits: the approximating (student) logits, broadcastable with ``p_logits``.
+      axis: the class axis.
+      where: optional boolean mask broadcast against the logits.
+      base: ``None`` for nats, ``2`` for bits.
+
+    Returns:
+      The broadcast shape without ``axis``; 0 where no class is kept.
+
+    Examples:
+      >>> import jax.numpy as jnp, jxent
+      >>> float(jxent.kl_divergence_from_logits(jnp.zeros(3), jnp.zeros(3)))
+      0.0
+    """
+    log_base = check_base(base)
+    p_logits = jnp.asarray(p_logits)
+    q_logits = jnp.asarray(q_logits)
+    dtype = float_dtype(p_logits.dtype, q_logits.dtype)
+    p_logits = _logits(p_logits, "p_logits", dtype)
+    q_logits = _logits(q_logits, "q_logits", dtype)
+    shape = check_broadcastable(p_logits.shape, q_logits.shape, "p_logits", "q_logits")
+    if len(shape) == 0:
+        raise ValueError("p_logits and q_logits are scalars; a distribution needs a class axis")
+    p_logits = jnp.broadcast_to(p_logits, shape)
+    q_logits = jnp.broadcast_to(q_logits, shape)
+    axis = check_axis(axis, len(shape), arg="p_logits")
+    mask = check_where(where, shape, "where", "p_logits")
+    log_p, p, p_usable = _masked_log_softmax(p_logits, mask, axis)
+    log_q, _, _ = _masked_log_softmax(q_logits, mask, axis)
+    # p_c > 0 only where p_usable; there log q may be -inf (a real +inf KL).
+    safe_log_p = jnp.where(p_usable, log_p, 0)
+    safe_log_q = jnp.where(p_usable, log_q, 0)
+    return to_base(jnp.sum(p * (safe_log_p - safe_log_q), axis=axis), log_base)

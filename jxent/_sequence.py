@@ -1,0 +1,209 @@
+"""Token-level negative log-likelihood for sequences, and exact accumulation."""
+
+from __future__ import annotations
+
+import math
+from typing import NamedTuple
+
+import jax.numpy as jnp
+from jaxtyping import Array, ArrayLike, Bool, Float, Int
+
+from ._checks import NORMALIZATIONS, check_option
+from ._reduce import normalize_sequences, safe_divide
+from ._softmax import per_position_losses
+
+__all__ = ["sequence_nll", "nll_stats", "NLLStats", "perplexity"]
+
+
+class NLLStats(NamedTuple):
+    """Sums that combine exactly across micro-batches and devices.
+
+    ``total`` is the summed (weighted) negative log-likelihood in nats and
+    ``count`` the number of counted tokens (the sum of their class weights when
+    ``class_weights`` is given). Being a pytree of two scalars, stats from
+    several micro-batches combine with ``jax.tree.map(jnp.add, a, b)`` and
+    across devices with ``jax.lax.psum(stats, axis_name)``; ``.mean()`` of the
+    combined stats is exactly the global token mean.
+
+    Examples:
+      >>> import jax.numpy as jnp, jxent
+      >>> stats = jxent.NLLStats(total=jnp.array(6.0), count=jnp.array(3.0))
+      >>> float(stats.mean()), round(float(stats.perplexity()), 4)
+      (2.0, 7.3891)
+    """
+
+    total: Float[Array, ""]
+    count: Float[Array, ""]
+
+    def mean(self) -> Float[Array, ""]:
+        """The mean NLL per counted token, ``total / count`` (0 when nothing is counted)."""
+        return safe_divide(self.total, self.count)
+
+    def perplexity(self) -> Float[Array, ""]:
+        """``exp(mean NLL)``: the effective number of equally likely next tokens."""
+        return perplexity(self.mean())
+
+    def bits_per_token(self) -> Float[Array, ""]:
+        """The mean NLL in bits, ``mean / ln 2``."""
+        return self.mean() / math.log(2.0)
+
+
+def perplexity(mean_nll: Float[ArrayLike, "*shape"]) -> Float[Array, "*shape"]:
+    """Perplexity ``exp(mean NLL)`` of a mean negative log-likelihood in nats.
+
+    Examples:
+      >>> import jxent
+      >>> round(float(jxent.perplexity(0.6931471805599453)), 4)  # a fair coin
+      2.0
+    """
+    return jnp.exp(jnp.asarray(mean_nll))
+
+
+def _aligned(logits, tokens, where, shift: bool):
+    """Logits, targets and mask aligned position by position."""
+    logits = jnp.asarray(logits)
+    tokens = jnp.asarray(tokens)
+    if not isinstance(shift, bool):
+        raise TypeError(f"shift must be True or False, got {shift!r}")
+    if logits.ndim < 2:
+        raise ValueError(
+            f"logits must have shape [..., T, V] (at least 2 dimensions), got {logits.shape}"
+        )
+    if tokens.shape != logits.shape[:-1]:
+        raise ValueError(
+            f"tokens has shape {tokens.shape} but logits {logits.shape} expects "
+            f"{logits.shape[:-1]} ([..., T] for logits [..., T, V])"
+        )
+    if where is not None:
+        where = jnp.asarray(where)
+        if where.shape != tokens.shape:
+            raise ValueError(
+                f"where has shape {where.shape} but tokens has shape {tokens.shape}; "
+                "the loss mask marks token positions [..., T]"
+            )
+    if shift:
+        if logits.shape[-2] < 2:
+            raise ValueError(
+                f"shift=True needs at least 2 positions to predict, got T={logits.shape[-2]}"
+            )
+        logits = logits[..., :-1, :]
+        tokens = tokens[..., 1:]
+        if where is not None:
+            where = where[..., 1:]
+    return logits, tokens, where
+
+
+def _token_losses(logits, tokens, shift, where, **options):
+    logits, tokens, where = _aligned(logits, tokens, where, shift)
+    return per_position_losses(logits, tokens, axis=-1, where=where, **options)
+
+
+def nll_stats(
+    logits: Float[ArrayLike, "*batch T V"],
+    tokens: Int[ArrayLike, "*batch T"],
+    *,
+    shift: bool = True,
+    where: Bool[ArrayLike, "*batch T"] | None = None,
+    ignore_index: int | None = -100,
+    label_smoothing: float = 0.0,
+    z_loss: float = 0.0,
+    logit_softcap: float | None = None,
+    class_weights: Float[ArrayLike, " V"] | None = None,
+    vocab_axis_name: str | None = None,
+) -> NLLStats:
+    """Summed NLL and token count of a batch, for exact accumulation.
+
+    ``nll_stats(...).mean()`` equals ``sequence_nll(..., normalize="tokens")``;
+    the point is that stats from micro-batches (``jax.tree.map(jnp.add, ...)``)
+    or devices (``jax.lax.psum``) add up to the stats of the whole batch, so
+    the combined mean -- and its gradient -- is that of the whole batch, not
+    a mean of means. Arguments are those of :func:`sequence_nll`.
+
+    Examples:
+      >>> import jax.numpy as jnp, jxent
+      >>> logits = jnp.zeros((1, 3, 4))            # uniform over 4 tokens
+      >>> stats = jxent.nll_stats(logits, jnp.array([[0, 1, 2]]))
+      >>> float(stats.count), round(float(stats.perplexity()), 4)
+      (2.0, 4.0)
+    """
+    loss, weight = _token_losses(
+        logits,
+        tokens,
+        shift,
+        where,
+        ignore_index=ignore_index,
+        label_smoothing=label_smoothing,
+        z_loss=z_loss,
+        logit_softcap=logit_softcap,
+        class_weights=class_weights,
+        vocab_axis_name=vocab_axis_name,
+    )
+    return NLLStats(total=jnp.sum(loss), count=jnp.sum(weight))
+
+
+def sequence_nll(
+    logits: Float[ArrayLike, "*batch T V"],
+    tokens: Int[ArrayLike, "*batch T"],
+    *,
+    shift: bool = True,
+    where: Bool[ArrayLike, "*batch T"] | None = None,
+    ignore_index: int | None = -100,
+    normalize: str = "tokens",
+    label_smoothing: float = 0.0,
+    z_loss: float = 0.0,
+    logit_softcap: float | None = None,
+    class_weights: Float[ArrayLike, " V"] | None = None,
+    vocab_axis_name: str | None = None,
+) -> Float[Array, "..."]:
+    """Token-level negative log-likelihood of sequences, ``−Σ_t log p(x_t | context)``.
+
+    With ``shift=True`` (causal language modelling) ``logits[..., t, :]``
+    predicts ``tokens[..., t + 1]``: ``logits[..., :-1, :]`` are scored against
+    ``tokens[..., 1:]`` and ``where`` is shifted with the targets. With
+    ``shift=False`` (teacher-forced sequence-to-sequence) logits and tokens are
+    already aligned. Each token's loss is that of :func:`softmax_cross_entropy`
+    with the same options.
+
+    Args:
+      logits: ``[..., T, V]``.
+      tokens: ``[..., T]`` integer token ids.
+      shift: causal shift (see above).
+      where: ``[..., T]`` boolean loss mask on target positions (padding,
+        prompt tokens); False = not counted. Aligned with ``tokens``.
+      ignore_index: tokens equal to it are not counted (``None`` disables).
+      normalize: ``"tokens"`` -- Σ NLL over all counted tokens of the batch /
+        their number (the global token mean); ``"sequences"`` -- each
+        sequence's mean over its counted tokens, then the mean over sequences
+        with at least one counted token; ``"sum"`` -- the total NLL, i.e.
+        minus the log-likelihood of the data; ``"none"`` -- the per-token
+        losses ``[..., T - 1]`` with ``shift`` (aligned with ``tokens[..., 1:]``)
+        or ``[..., T]`` without, 0 where not counted.
+      label_smoothing, z_loss, logit_softcap, class_weights, vocab_axis_name:
+        as in :func:`softmax_cross_entropy`. With ``class_weights`` the counts
+        are sums of the targets' weights.
+
+    Returns:
+      A scalar in nats (the per-token array for ``normalize="none"``); 0 when
+      no token is counted.
+
+    Examples:
+      >>> import jax.numpy as jnp, jxent
+      >>> logits = jnp.log(jnp.array([[[0.5, 0.5], [0.9, 0.1], [0.5, 0.5]]]))
+      >>> round(float(jxent.sequence_nll(logits, jnp.array([[1, 1, 0]]), normalize="sum")), 4)
+      0.7985
+    """
+    check_option(normalize, "normalize", NORMALIZATIONS)
+    loss, weight = _token_losses(
+        logits,
+        tokens,
+        shift,
+        where,
+        ignore_index=ignore_index,
+        label_smoothing=label_smoothing,
+        z_loss=z_loss,
+        logit_softcap=logit_softcap,
+        class_weights=class_weights,
+        vocab_axis_name=vocab_axis_name,
+    )
+    return normalize_sequences(loss, weight, normalize)
+

@@ -1,0 +1,314 @@
+"""Softmax cross-entropy on logits: ``torch.nn.functional.cross_entropy``, exactly, in JAX."""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+from jaxtyping import Array, ArrayLike, Bool, Float, Int
+
+from ._checks import (
+    REDUCTIONS,
+    check_axis,
+    check_class_weights,
+    check_fraction,
+    check_loss_mask,
+    check_nonnegative_float,
+    check_option,
+    check_softcap,
+    check_targets_in_range,
+    float_dtype,
+    integer_targets_info,
+)
+from ._reduce import reduce_losses
+
+__all__ = ["softmax_cross_entropy"]
+
+
+class ClassOps(NamedTuple):
+    """Reductions over the class axis: local, or across a vocab-sharded mesh axis.
+
+    With ``axis_name`` set (inside ``shard_map``), every reduction over classes
+    is followed by a ``psum``/``pmax`` of a ``[tokens]``-sized result, and
+    ``offset`` is the first global class id held by this shard.
+    """
+
+    axis: int
+    axis_name: str | None
+    num_local: int
+
+    @property
+    def shards(self) -> int:
+        return 1 if self.axis_name is None else jax.lax.axis_size(self.axis_name)
+
+    @property
+    def num_classes(self) -> int:
+        return self.num_local * self.shards
+
+    def offset(self):
+        if self.axis_name is None:
+            return 0
+        return jax.lax.axis_index(self.axis_name) * self.num_local
+
+    def sum(self, x):
+        s = jnp.sum(x, axis=self.axis)
+        return s if self.axis_name is None else jax.lax.psum(s, self.axis_name)
+
+    def logsumexp(self, x):
+        if self.axis_name is None:
+            return jax.nn.logsumexp(x, axis=self.axis)
+        top = jax.lax.stop_gradient(jnp.max(x, axis=self.axis, keepdims=True))
+        top = jax.lax.pmax(top, self.axis_name)
+        top = jnp.where(jnp.isfinite(top), top, 0)
+        return jnp.log(self.sum(jnp.exp(x - top))) + jnp.squeeze(top, self.axis)
+
+    def take(self, x, index, fill):
+        """``x[..., index, ...]`` along the class axis for global class ids ``index``.
+
+        ``index == num_classes`` (an out-of-range target) gives ``fill`` and is
+        a real out-of-bounds gather, so ``checkify`` index checks report it.
+        """
+        index = jnp.expand_dims(index, self.axis)
+        if self.axis_name is None:
+            out = jnp.take_along_axis(x, index, self.axis, mode="fill", fill_value=fill)
+            return jnp.squeeze(out, self.axis)
+        local = index - self.offset()
+        mine = (local >= 0) & (local < self.num_local)
+        out = jnp.take_along_axis(x, jnp.where(mine, local, 0), self.axis)
+        out = jnp.squeeze(jnp.where(mine, out, 0), self.axis)
+        out = self.sum_tokens(out)
+        oob = jnp.squeeze(index, self.axis) >= self.num_classes
+        return jnp.where(oob, fill, out)
+
+    def sum_tokens(self, x):
+        """Combine a ``[tokens]`` vector of which each shard holds its own part."""
+        return x if self.axis_name is None else jax.lax.psum(x, self.axis_name)
+
+
+def _class_weight_vector(class_weights, dtype, axis: int, ndim: int):
+    """Class weights shaped to broadcast along the class axis of ``ndim``-d logits."""
+    w = class_weights.astype(dtype)
+    return jnp.reshape(w, tuple(-1 if d == axis else 1 for d in range(ndim)))
+
+
+def per_position_losses(
+    logits,
+    targets,
+    *,
+    axis: int = -1,
+    where=None,
+    ignore_index: int | None = -100,
+    class_weights=None,
+    label_smoothing: float = 0.0,
+    z_loss: float = 0.0,
+    logit_softcap: float | None = None,
+    vocab_axis_name: str | None = None,
+):
+    """The heart of every cross-entropy in jxent: ``(loss, weight)`` per position.
+
+    ``loss`` is 0 and ``weight`` 0 wherever a position is not counted; see
+    ``jxent._reduce`` for what is done with them. Validation happens here.
+    """
+    logits = jnp.asarray(logits)
+    targets = jnp.asarray(targets)
+    if not jnp.issubdtype(logits.dtype, jnp.floating):
+        raise TypeError(f"logits must be a floating-point array, got dtype {logits.dtype}")
+    if logits.ndim == 0:
+        raise ValueError("logits is a scalar; it needs a class axis")
+    axis = check_axis(axis, logits.ndim)
+    label_smoothing = check_fraction(label_smoothing, "label_smoothing")
+    z_loss = check_nonnegative_float(z_loss, "z_loss")
+    logit_softcap = check_softcap(logit_softcap)
+    if ignore_index is not None and (
+        isinstance(ignore_index, bool) or not isinstance(ignore_index, int)
+    ):
+        raise TypeError(f"ignore_index must be an int or None, got {ignore_index!r}")
+
+    dtype = float_dtype(logits.dtype)
+    x = logits.astype(dtype)
+    ops = ClassOps(axis, vocab_axis_name, logits.shape[axis])
+    num_classes = ops.num_classes
+    position_shape = logits.shape[:axis] + logits.shape[axis + 1 :]
+    weights = check_class_weights(
+        class_weights,
+        ops.num_local,
+        "this shard of logits" if vocab_axis_name else "logits",
+    )
+    mask = check_loss_mask(where, position_shape)
+
+    if jnp.issubdtype(targets.dtype, jnp.integer):
+        probability_targets = False
+        if targets.shape != position_shape:
+            raise ValueError(
+                f"targets has shape {targets.shape} but logits {logits.shape} with "
+                f"axis={axis - logits.ndim if axis == logits.ndim - 1 else axis} expects "
+                f"{position_shape} (integer class indices), or {logits.shape} "
+                "(probabilities, floating dtype)"
+            )
+        index, ignored, in_range = integer_targets_info(targets, num_classes, ignore_index)
+        counted = ~ignored if mask is None else mask & ~ignored
+        if vocab_axis_name is None:
+            check_targets_in_range(targets, counted, in_range, num_classes, ignore_index)
+        index = jnp.where(counted, index, 0)
+    elif jnp.issubdtype(targets.dtype, jnp.floating):
+        probability_targets = True
+        if ignore_index not in (None, -100):
+            raise ValueError(
+                f"ignore_index={ignore_index} cannot be used with probability targets "
+                f"(floating dtype {targets.dtype}); use where= to mask positions"
+            )
+        if targets.shape != logits.shape:
+            raise ValueError(
+                f"targets has shape {targets.shape} but probability targets must have "
+                f"the logits' shape {logits.shape}; integer class indices would have "
+                f"shape {position_shape}"
+            )
+        counted = jnp.ones(position_shape, bool) if mask is None else mask
+    else:
+        raise TypeError(
+            f"targets must be integer class indices or floating probabilities, "
+            f"got dtype {targets.dtype}"
+        )
+
+    # Double where: uncounted positions get logits 0 before any arithmetic,
+    # so NaN/inf there reach neither the value nor the gradient.
+    keep = jnp.expand_dims(counted, axis)
+    x = jnp.where(keep, x, 0)
+    if logit_softcap is not None:
+        x = logit_softcap * jnp.tanh(x / logit_softcap)
+    lse = ops.logsumexp(x)
+    w_vec = None if weights is None else _class_weight_vector(weights, dtype, axis, x.ndim)
+
+    if probability_targets:
+        y = jnp.where(keep, targets.astype(dtype), 0)
+        if label_smoothing:
+            y = (1.0 - label_smoothing) * y + label_smoothing / num_classes
+        if w_vec is not None:
+            y = y * w_vec
+        # Σ_c y_c (lse − x_c) with 0·(anything) = 0: a −inf logit with target 0 is 0.
+        nonzero = y != 0
+        neg_log_p = jnp.expand_dims(lse, axis) - jnp.where(nonzero, x, 0)
+        loss = ops.sum(jnp.where(nonzero, y * neg_log_p, 0))
+        weight = counted.astype(dtype)
+    else:
+        target_logit = ops.take(x, index, fill=jnp.nan)
+        if weights is None:
+            loss = lse - target_logit
+            weight = counted.astype(dtype)
+        else:
+            w_target = _take_weight(weights, index, ops, dtype)
+            loss = w_target * (lse - target_logit)
+            weight = jnp.where(counted, w_target, 0)
+        if label_smoothing:
+            neg_log_p = jnp.expand_dims(lse, axis) - x
+            if w_vec is not None:
+                neg_log_p = neg_log_p * w_vec
+            smooth = ops.sum(neg_log_p) / num_classes
+            loss = (1.0 - label_smoothing) * loss + label_smoothing * smooth
+
+    if z_loss:
+        loss = loss + z_loss * jnp.square(lse)
+    loss = jnp.where(counted, loss, 0)
+    return loss, weight
+
+
+def _take_weight(weights, index, ops: ClassOps, dtype):
+    """The target class's weight ``w[t]`` (NaN for an out-of-range target)."""
+    w = weights.astype(dtype)
+    if ops.axis_name is None:
+        return jnp.take(w, index, mode="fill", fill_value=jnp.nan)
+    local = index - ops.offset()
+    mine = (local >= 0) & (local < ops.num_local)
+    out = ops.sum_tokens(jnp.where(mine, w[jnp.where(mine, local, 0)], 0))
+    return jnp.where(index >= ops.num_classes, jnp.nan, out)
+
+
+def softmax_cross_entropy(
+    logits: Float[ArrayLike, "*batch classes"],
+    targets: Int[ArrayLike, " *batch"] | Float[ArrayLike, "*batch classes"],
+    *,
+    axis: int = -1,
+    where: Bool[ArrayLike, " *batch"] | None = None,
+    ignore_index: int | None = -100,
+    class_weights: Float[ArrayLike, " classes"] | None = None,
+    label_smoothing: float = 0.0,
+    z_loss: float = 0.0,
+    logit_softcap: float | None = None,
+    reduction: str = "mean",
+    vocab_axis_name: str | None = None,
+) -> Float[Array, "..."]:
+    """Cross-entropy between targets and ``softmax(logits)``, as PyTorch defines it.
+
+    For integer targets ``t`` and log-probabilities ``log p = log_softmax(logits)``,
+    each counted position contributes
+
+        ``ℓ = (1 − ε) · w_t · (−log p_t) + (ε / C) · Σ_c w_c · (−log p_c) + z · lse²``
+
+    (``w`` = ``class_weights``, all 1 when ``None``; ``ε`` = ``label_smoothing``;
+    ``C`` classes; ``lse = logsumexp(logits)``; ``z`` = ``z_loss``). For
+    probability targets ``y`` (same shape as ``logits``, floating dtype) the
+    smoothed target ``y' = (1 − ε) y + ε / C`` gives ``ℓ = −Σ_c w_c y'_c log p_c + z · lse²``.
+    The gradient with respect to the logits is ``w · (softmax − smoothed target)``.
+
+    Reductions, as ``torch.nn.functional.cross_entropy``: ``"mean"`` divides
+    the sum over counted positions by the sum of the targets' weights ``Σ w_t``
+    (the count, without weights; for probability targets always the count);
+    ``"sum"``; ``"none"`` returns ``ℓ`` per position (0 where not counted).
+
+    Args:
+      logits: ``[..., C, ...]`` unnormalised log-probabilities, any float dtype
+        (bf16/f16 are computed in float32).
+      targets: integer class ids with the logits' shape without ``axis``
+        (any integer dtype), or floating probabilities with the logits' shape.
+      axis: the class axis (PyTorch's ``[N, C, d1, ...]`` layout is ``axis=1``).
+      where: boolean, the targets' positions; False positions are not counted.
+      ignore_index: integer targets equal to it are not counted (``None``
+        disables it). Not allowed with probability targets.
+      class_weights: ``[C]`` weight per class (PyTorch's ``weight``).
+      label_smoothing: ``ε`` in ``[0, 1]``.
+      z_loss: coefficient of the PaLM auxiliary ``lse²`` term (not weighted by
+        ``class_weights``; reduced with the same denominator).
+      logit_softcap: ``c`` replaces logits with ``c · tanh(logits / c)`` first
+        (Gemma 2); its gradient includes ``tanh'``.
+      reduction: ``"mean"``, ``"sum"`` or ``"none"``.
+      vocab_axis_name: inside ``shard_map``, the mesh axis along which the
+        class axis (and ``class_weights`` and probability targets) is sharded;
+        targets hold global class ids. Shards exchange only per-position
+        vectors (``pmax``/``psum``).
+
+    Returns:
+      A scalar, or the per-position losses for ``reduction="none"``, in
+      float32 (float64 under ``jax_enable_x64`` for float64 logits).
+
+    Deliberate differences from PyTorch:
+      * a mean over zero counted positions is 0 with zero gradient, not NaN;
+      * integer targets of any integer dtype are accepted;
+      * masked positions may hold NaN/inf logits: they never reach the value or
+        the gradient.
+
+    Out-of-range integer targets (other than ``ignore_index``): eager calls
+    raise ``ValueError``; under ``jit`` that position's loss is NaN (never a
+    wrapped or clipped class) and ``jax.experimental.checkify`` with
+    ``index_checks`` reports the out-of-bounds gather.
+
+    Examples:
+      >>> import jax.numpy as jnp, jxent
+      >>> logits = jnp.log(jnp.array([[0.5, 0.25, 0.25], [0.8, 0.1, 0.1]]))
+      >>> jxent.softmax_cross_entropy(logits, jnp.array([0, 0]), reduction="none")
+      Array([0.6931..., 0.2231...], dtype=float32)
+    """
+    check_option(reduction, "reduction", REDUCTIONS)
+    loss, weight = per_position_losses(
+        logits,
+        targets,
+        axis=axis,
+        where=where,
+        ignore_index=ignore_index,
+        class_weights=class_weights,
+        label_smoothing=label_smoothing,
+        z_loss=z_loss,
+        logit_softcap=logit_softcap,
+        vocab_axis_name=vocab_axis_name,
+    )
+    return reduce_losses(loss, weight, reduction)
