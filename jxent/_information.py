@@ -61,7 +61,7 @@ def _prepare(p, q, where, axis: int | None, names=("p", "q")):
     p = jnp.asarray(p)
     arrays = [p] if q is None else [p, jnp.asarray(q)]
     dtype = float_dtype(*(a.dtype for a in arrays))
-    arrays = [as_float_array(a, n, dtype) for a, n in zip(arrays, names)]
+    arrays = [as_float_array(a, n, dtype) for a, n in zip(arrays, names, strict=True)]
     shape = arrays[0].shape
     if q is not None:
         shape = check_broadcastable(arrays[0].shape, arrays[1].shape, *names)
