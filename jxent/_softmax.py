@@ -55,13 +55,28 @@ class ClassOps(NamedTuple):
         s = jnp.sum(x, axis=self.axis)
         return s if self.axis_name is None else jax.lax.psum(s, self.axis_name)
 
-    def logsumexp(self, x):
-        if self.axis_name is None:
-            return jax.nn.logsumexp(x, axis=self.axis)
+    def max(self, x, keep):
+        """The per-position max over classes (keepdims, no gradient), 0 where not kept.
+
+        Reads ``x`` as it is, so the reduction needs no masked copy of the
+        logits; NaN or inf at uncounted positions is replaced afterwards, on a
+        ``[tokens]``-sized vector.
+        """
         top = jax.lax.stop_gradient(jnp.max(x, axis=self.axis, keepdims=True))
-        top = jax.lax.pmax(top, self.axis_name)
-        top = jnp.where(jnp.isfinite(top), top, 0)
+        if self.axis_name is not None:
+            top = jax.lax.pmax(top, self.axis_name)
+        return jnp.where(keep & jnp.isfinite(top), top, 0)
+
+    def logsumexp(self, x, top):
+        """``log Σ_c exp x_c``, shifted by ``top`` (from :meth:`max`)."""
         return jnp.log(self.sum(jnp.exp(x - top))) + jnp.squeeze(top, self.axis)
+
+    def dot(self, x, w):
+        """``Σ_c x_c w_c`` over the class axis: a matrix-vector product, one pass over x."""
+        out = jax.lax.dot_general(
+            x, w, (((self.axis,), (0,)), ((), ())), precision=jax.lax.Precision.HIGHEST
+        )
+        return self.sum_tokens(out)
 
     def take(self, x, index, fill):
         """``x[..., index, ...]`` along the class axis for global class ids ``index``.
@@ -80,6 +95,11 @@ class ClassOps(NamedTuple):
         out = self.sum_tokens(out)
         oob = jnp.squeeze(index, self.axis) >= self.num_classes
         return jnp.where(oob, fill, out)
+
+    def sum_classes(self, w):
+        """The sum of a ``[classes]`` vector (sharded like the vocabulary)."""
+        s = jnp.sum(w)
+        return s if self.axis_name is None else jax.lax.psum(s, self.axis_name)
 
     def sum_tokens(self, x):
         """Combine a ``[tokens]`` vector of which each shard holds its own part."""
@@ -172,27 +192,30 @@ def per_position_losses(
         )
 
     # Double where: uncounted positions get logits 0 before any arithmetic,
-    # so NaN/inf there reach neither the value nor the gradient.
+    # so NaN/inf there reach neither the value nor the gradient. Reductions
+    # read the raw logits (XLA:CPU would otherwise write a masked copy first)
+    # and are sanitised afterwards on [tokens]-sized vectors.
     keep = jnp.expand_dims(counted, axis)
-    x = jnp.where(keep, x, 0)
+    safe = jnp.where(keep, x, 0)
     if logit_softcap is not None:
-        x = logit_softcap * jnp.tanh(x / logit_softcap)
-    lse = ops.logsumexp(x)
-    w_vec = None if weights is None else _class_weight_vector(weights, dtype, axis, x.ndim)
+        safe = logit_softcap * jnp.tanh(safe / logit_softcap)
+        x = safe
+    top = ops.max(x, keep)
+    lse = ops.logsumexp(safe, top)
 
     if probability_targets:
         y = jnp.where(keep, targets.astype(dtype), 0)
         if label_smoothing:
             y = (1.0 - label_smoothing) * y + label_smoothing / num_classes
-        if w_vec is not None:
-            y = y * w_vec
+        if weights is not None:
+            y = y * _class_weight_vector(weights, dtype, axis, x.ndim)
         # Σ_c y_c (lse − x_c) with 0·(anything) = 0: a −inf logit with target 0 is 0.
         nonzero = y != 0
-        neg_log_p = jnp.expand_dims(lse, axis) - jnp.where(nonzero, x, 0)
+        neg_log_p = jnp.expand_dims(lse, axis) - jnp.where(nonzero, safe, 0)
         loss = ops.sum(jnp.where(nonzero, y * neg_log_p, 0))
         weight = counted.astype(dtype)
     else:
-        target_logit = ops.take(x, index, fill=jnp.nan)
+        target_logit = jnp.where(counted, ops.take(x, index, fill=jnp.nan), 0)
         if weights is None:
             loss = lse - target_logit
             weight = counted.astype(dtype)
@@ -201,10 +224,15 @@ def per_position_losses(
             loss = w_target * (lse - target_logit)
             weight = jnp.where(counted, w_target, 0)
         if label_smoothing:
-            neg_log_p = jnp.expand_dims(lse, axis) - x
-            if w_vec is not None:
-                neg_log_p = neg_log_p * w_vec
-            smooth = ops.sum(neg_log_p) / num_classes
+            # Σ_c w_c (lse − x_c) = lse·Σ_c w_c − Σ_c w_c x_c, from one plain sum (or
+            # matrix-vector product) over the raw logits, sanitised per position.
+            if weights is None:
+                total_w, weighted = float(num_classes), ops.sum(x)
+            else:
+                w = weights.astype(dtype)
+                total_w, weighted = ops.sum_classes(w), ops.dot(x, w)
+            weighted = jnp.where(counted, weighted, 0)
+            smooth = (lse * total_w - weighted) / num_classes
             loss = (1.0 - label_smoothing) * loss + label_smoothing * smooth
 
     if z_loss:
