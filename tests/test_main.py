@@ -1,0 +1,104 @@
+"""`python -m jxent`: the demonstration's numbers meet the bounds, its outputs are well formed."""
+
+import json
+import math
+import subprocess
+import sys
+
+import pytest
+
+from jxent import toy
+from jxent.__main__ import main
+
+
+@pytest.fixture(scope="module")
+def json_run():
+    """The real command line, in a subprocess, with default settings."""
+    proc = subprocess.run(
+        [sys.executable, "-m", "jxent", "--json"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
+    assert proc.returncode == 0, proc.stderr
+    return proc
+
+
+def _check_figures(figures, steps):
+    assert abs(figures["final_loss"] - figures["conditional_entropy"]) <= 1e-3
+    assert figures["loss_gap"] == pytest.approx(
+        figures["final_loss"] - figures["conditional_entropy"]
+    )
+    assert 0 <= figures["kl_to_mle"] <= 1e-3
+    assert figures["nll_sum"] == pytest.approx(-figures["log_likelihood"], rel=1e-4)
+    # the summed and the mean NLL describe the same tokens
+    assert figures["nll_sum"] == pytest.approx(figures["final_loss"] * figures["tokens"], rel=1e-5)
+    assert figures["steps"] == steps
+    assert figures["seconds"] > 0
+    for row in figures["probabilities"]:
+        assert row["mle"] == pytest.approx(row["count"] / row["context_count"])
+        assert row["model"] == pytest.approx(row["mle"], abs=1e-3)
+
+
+def test_json_meets_the_bounds(json_run):
+    out = json.loads(json_run.stdout)  # stdout is exactly one JSON object
+    for key in ("final_loss", "conditional_entropy", "kl_to_mle", "nll_sum",
+                "log_likelihood", "steps", "seconds"):
+        assert key in out and key in out["conditional"]
+    _check_figures(out, toy.DEFAULT_STEPS)
+    _check_figures(out["conditional"], toy.DEFAULT_STEPS)
+    assert out["seed"] == 0
+    assert out["seconds"] < out["total_seconds"] < 60
+
+
+def test_json_figures_match_an_independent_recount(json_run):
+    """The reported entropy is that of the seed-0 corpus, recounted here."""
+    out = json.loads(json_run.stdout)
+    corpus = toy.sample_corpus(0, num_sentences=out["sentences"])
+    contexts, targets = toy.lm_events(corpus)
+    assert out["tokens"] == len(contexts)
+    counts = {}
+    for c, y in zip(contexts.tolist(), targets.tolist(), strict=True):
+        counts[c, y] = counts.get((c, y), 0) + 1
+    totals = {}
+    for (c, _), n in counts.items():
+        totals[c] = totals.get(c, 0) + n
+    entropy = -sum(n * math.log(n / totals[c]) for (c, _), n in counts.items()) / len(contexts)
+    assert out["conditional_entropy"] == pytest.approx(entropy, rel=1e-12)
+
+
+def test_progress_goes_to_stderr(json_run):
+    lines = json_run.stderr.strip().splitlines()
+    assert any(line.startswith("[language model] step") for line in lines)
+    assert any(line.startswith("[translation] step") for line in lines)
+    assert "gap to entropy floor" in lines[-1]
+
+
+def test_table_and_plot(tmp_path, capsys):
+    path = tmp_path / "loss.png"
+    assert main(["--steps", "60", "--sentences", "200", "--seed", "3",
+                 "--plot", str(path)]) == 0
+    out, err = capsys.readouterr()
+    assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    for text in ("loss vs H(next | prev)", "KL(MLE ‖ model)", "total NLL vs -log-likelihood",
+                 "P(cat | the)", "p(y | x)", "P(kitty | chat)", str(path)):
+        assert text in out
+    assert "[translation] step    60/60" in err
+
+
+def test_plot_without_matplotlib_says_so(monkeypatch, capsys, tmp_path):
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # import now raises ImportError
+    assert main(["--plot", str(tmp_path / "x.png")]) == 2
+    out, err = capsys.readouterr()
+    assert out == ""
+    assert "--plot needs matplotlib" in err
+    assert not (tmp_path / "x.png").exists()
+
+
+@pytest.mark.parametrize("args", [["--steps", "0"], ["--sentences", "-1"]])
+def test_rejects_non_positive_sizes(args, capsys):
+    with pytest.raises(SystemExit) as excinfo:
+        main(args)
+    assert excinfo.value.code == 2
+    assert "must be positive" in capsys.readouterr().err
