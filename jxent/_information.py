@@ -48,12 +48,15 @@ __all__ = [
 def _xlogy(x: jax.Array, y: jax.Array) -> jax.Array:
     """``x · log y`` with ``0 · log y = 0`` and gradients that never turn NaN.
 
-    The double ``where``: ``y`` is replaced by 1 wherever ``x == 0`` before the
-    log, so neither branch of the outer ``where`` can produce ``0 · inf``.
+    The double ``where``: ``y`` is replaced by 1 wherever ``x == 0`` and
+    ``log y`` is not finite, so neither branch can produce ``0 · inf``. Where
+    ``x == 0 < y < inf`` the product is kept, so ``∂/∂x = log y`` there (the
+    gradient of the linear ``x · log q`` in ``x``); with ``y = x`` that case
+    never arises, and ``∂(x log x)/∂x`` at 0 is taken as 0.
     """
-    nonzero = x != 0
-    safe_y = jnp.where(nonzero, y, 1)
-    return jnp.where(nonzero, x * jnp.log(safe_y), 0)
+    use_log = (x != 0) | ((y > 0) & (y < jnp.inf))
+    safe_y = jnp.where(use_log, y, 1)
+    return jnp.where(use_log, x * jnp.log(safe_y), 0)
 
 
 def _prepare(p, q, where, axis: int | None, names=("p", "q")):
@@ -132,9 +135,9 @@ def entropy(
     """
     log_base = check_base(base)
     (p,), mask, axis = _prepare(p, None, where, axis, names=("p",))
-    check_nonnegative(p, "p")
     if mask is not None:
         p = jnp.where(mask, p, 0)
+    check_nonnegative(p, "p")  # after masking: dropped entries may hold anything
     return to_base(-jnp.sum(_xlogy(p, p), axis=axis), log_base)
 
 
@@ -170,11 +173,11 @@ def cross_entropy(
     """
     log_base = check_base(base)
     (p, q), mask, axis = _prepare(p, q, where, axis)
-    check_nonnegative(p, "p")
-    check_nonnegative(q, "q")
     if mask is not None:
         p = jnp.where(mask, p, 0)
         q = jnp.where(mask, q, 1)
+    check_nonnegative(p, "p")
+    check_nonnegative(q, "q")
     return to_base(-jnp.sum(_xlogy(p, q), axis=axis), log_base)
 
 
@@ -212,11 +215,11 @@ def kl_divergence(
     """
     log_base = check_base(base)
     (p, q), mask, axis = _prepare(p, q, where, axis)
-    check_nonnegative(p, "p")
-    check_nonnegative(q, "q")
     if mask is not None:
         p = jnp.where(mask, p, 0)
         q = jnp.where(mask, q, 1)
+    check_nonnegative(p, "p")
+    check_nonnegative(q, "q")
     return to_base(jnp.sum(_xlogy(p, p) - _xlogy(p, q), axis=axis), log_base)
 
 
@@ -250,11 +253,11 @@ def js_divergence(
     """
     log_base = check_base(base)
     (p, q), mask, axis = _prepare(p, q, where, axis)
-    check_nonnegative(p, "p")
-    check_nonnegative(q, "q")
     if mask is not None:
         p = jnp.where(mask, p, 0)
         q = jnp.where(mask, q, 0)
+    check_nonnegative(p, "p")
+    check_nonnegative(q, "q")
     m = 0.5 * (p + q)
     terms = 0.5 * (_xlogy(p, p) - _xlogy(p, m) + _xlogy(q, q) - _xlogy(q, m))
     return to_base(jnp.sum(terms, axis=axis), log_base)
