@@ -40,7 +40,16 @@ class ClassOps(NamedTuple):
 
     @property
     def shards(self) -> int:
-        return 1 if self.axis_name is None else jax.lax.axis_size(self.axis_name)
+        if self.axis_name is None:
+            return 1
+        try:
+            return jax.lax.axis_size(self.axis_name)
+        except NameError:
+            raise ValueError(
+                f"vocab_axis_name={self.axis_name!r} is not a mesh axis bound here: call "
+                "the loss inside jax.shard_map over a mesh with that axis, with the "
+                "vocabulary sharded along it"
+            ) from None
 
     @property
     def num_classes(self) -> int:
