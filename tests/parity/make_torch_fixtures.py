@@ -123,8 +123,7 @@ def draw_group(
     if probability:
         ignore_index = None if rng.random() < 0.5 else -100
     cases = [
-        _one_case(rng, shape, reduction, weighted, probability, ignore_index)
-        for _ in range(stack)
+        _one_case(rng, shape, reduction, weighted, probability, ignore_index) for _ in range(stack)
     ]
     group = {
         name: None if cases[0][name] is None else np.stack([c[name] for c in cases])
