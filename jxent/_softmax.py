@@ -238,8 +238,10 @@ def per_position_losses(
             if weights is None:
                 total_w, weighted = float(num_classes), ops.sum(x)
             else:
+                # The masked logits here: the gradient wrt the weights reads the
+                # logits, and 0 · NaN would make it NaN.
                 w = weights.astype(dtype)
-                total_w, weighted = ops.sum_classes(w), ops.dot(x, w)
+                total_w, weighted = ops.sum_classes(w), ops.dot(safe, w)
             weighted = jnp.where(counted, weighted, 0)
             smooth = (lse * total_w - weighted) / num_classes
             loss = (1.0 - label_smoothing) * loss + label_smoothing * smooth
