@@ -256,7 +256,10 @@ def _take_weight(weights, index, ops: ClassOps, dtype):
     """The target class's weight ``w[t]`` (NaN for an out-of-range target)."""
     w = weights.astype(dtype)
     if ops.axis_name is None:
-        return jnp.take(w, index, mode="fill", fill_value=jnp.nan)
+        # Placed like the targets: on a mesh with Explicit axes JAX cannot infer
+        # the sharding of a replicated table gathered at sharded indices.
+        sharding = jax.typeof(index).sharding
+        return w.at[index].get(mode="fill", fill_value=jnp.nan, out_sharding=sharding)
     local = index - ops.offset()
     mine = (local >= 0) & (local < ops.num_local)
     out = ops.sum_tokens(jnp.where(mine, w[jnp.where(mine, local, 0)], 0))
