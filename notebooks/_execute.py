@@ -26,7 +26,11 @@ def execute(path: Path) -> float:
     nb = nbformat.read(path, as_version=4)
     start = time.perf_counter()
     NotebookClient(
-        nb, timeout=120, kernel_name="python3", resources={"metadata": {"path": str(HERE)}}
+        nb,
+        timeout=120,
+        kernel_name="python3",
+        resources={"metadata": {"path": str(HERE)}},
+        coalesce_streams=True,  # one stdout block per cell, however the kernel flushed it
     ).execute()
     seconds = time.perf_counter() - start
     for cell in nb.cells:
