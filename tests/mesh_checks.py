@@ -1,0 +1,965 @@
+"""Multi-device checks of the vocab- and data-parallel losses, run as a script.
+
+    XLA_FLAGS=--xla_force_host_platform_device_count=8 python tests/mesh_checks.py [GROUP ...]
+
+``tests/test_parallel.py`` runs each group in a subprocess, so the rest of the
+suite keeps its single device. Every check compares a computation on a mesh
+(``jax.shard_map`` over 4 devices, 8 devices, or a 2 × 4 data × model mesh)
+with the same computation on one device: values and gradients to 1e-5. The
+script prints one line per check, then every failure with its case, and exits
+1 when anything failed (2 when it was started without 8 devices).
+
+Groups: ``softmax`` (vocab-parallel ``softmax_cross_entropy``, every option
+and reduction), ``data`` (data-parallel ``nll_stats`` + ``psum``, and the
+two-axis mesh), ``linear`` (vocab-parallel ``linear_cross_entropy``: values,
+gradients, compiled HLO and memory), ``errors``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import re
+import sys
+import time
+import traceback
+from functools import partial
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
+
+import jxent
+
+TOL = 1e-5
+CHECKS: dict[str, list] = {}
+FAILURES: list[str] = []
+
+
+def check(group: str):
+    """Register a check function under ``group``."""
+
+    def register(fn):
+        CHECKS.setdefault(group, []).append(fn)
+        return fn
+
+    return register
+
+
+@contextlib.contextmanager
+def case(label: str):
+    """Record a failure of the block under ``label`` and carry on with the next case."""
+    try:
+        yield
+    except Exception:
+        FAILURES.append(f"{label}\n{traceback.format_exc()}")
+        print(f"  FAIL {label}", flush=True)
+
+
+def close(actual, expected, what: str = "") -> None:
+    chex.assert_trees_all_close(actual, expected, atol=TOL, rtol=TOL, custom_message=what)
+
+
+def make_mesh(name: str) -> Mesh:
+    """``"4"``, ``"8"``: one ``model`` axis; ``"2x4"``: ``data`` × ``model``."""
+    shape = tuple(int(s) for s in name.split("x"))
+    names = ("model",) if len(shape) == 1 else ("data", "model")
+    devices = np.asarray(jax.devices()[: math.prod(shape)]).reshape(shape)
+    return Mesh(devices, names)
+
+
+MESHES = ("4", "8", "2x4")
+
+
+def data_axis(mesh: Mesh) -> str | None:
+    return "data" if "data" in mesh.axis_names else None
+
+
+# --------------------------------------------------------------------------- softmax
+
+B, T, V = 4, 3, 32  # logits [B, T, V]; B is split over `data`, V over `model`
+REDUCTIONS = ("mean", "sum", "none")
+
+
+def softmax_inputs(seed: int, blocks: int) -> dict:
+    """Seeded logits, class weights, a mask and cotangents for the checks."""
+    rng = np.random.default_rng(seed)
+    logits = jnp.asarray(3 * rng.normal(size=(B, T, V)), jnp.float32)
+    mask = jnp.asarray(rng.random((B, T)) < 0.7)
+    return {
+        "logits": logits,
+        # Masked positions hold NaN: they must reach neither value nor gradient.
+        "logits_nan": jnp.where(mask[..., None], logits, jnp.nan),
+        "mask": mask,
+        "weights": jnp.asarray(rng.uniform(0.25, 2.0, V), jnp.float32),
+        "ct_none": jnp.asarray(rng.normal(size=(B, T)), jnp.float32),
+        "ct_blocks": jnp.asarray(rng.normal(size=(blocks,)), jnp.float32),
+    }
+
+
+def target_sets(shards: int) -> dict[str, jax.Array]:
+    """Integer targets: spread over every shard, all owned by one shard, all ignored."""
+    rng = np.random.default_rng(shards)
+    spread = rng.integers(0, V, (B, T))
+    spread[0, 0] = spread[2, 1] = -100
+    local = V // shards
+    one_shard = rng.integers(local, 2 * local, (B, T))  # all held by shard 1
+    one_shard[1, 2] = -100
+    return {
+        "spread": jnp.asarray(spread, jnp.int32),
+        "one shard": jnp.asarray(one_shard, jnp.int32),
+        "all ignored": jnp.full((B, T), -100, jnp.int32),
+    }
+
+
+def softmax_loss(reduction: str, options: dict, axis_name: str | None):
+    def loss(x, y, mask, w):
+        return jxent.softmax_cross_entropy(
+            x,
+            y,
+            where=mask,
+            class_weights=w,
+            reduction=reduction,
+            vocab_axis_name=axis_name,
+            **options,
+        )
+
+    return loss
+
+
+def with_grads(fn, use_weights: bool):
+    """``(x, y, mask, w, ct) -> (value, grad of Σ ct·value wrt x (and w))``."""
+
+    def f(x, y, m, w, ct):
+        objective = lambda x, w: (jnp.sum(fn(x, y, m, w) * ct), fn(x, y, m, w))
+        argnums = (0, 1) if use_weights else 0
+        (_, value), grads = jax.value_and_grad(objective, argnums, has_aux=True)(x, w)
+        return value, grads
+
+    return f
+
+
+def on_mesh(mesh: Mesh, reduction: str, options: dict, use_weights: bool, prob: bool):
+    """The loss inside ``shard_map``: B over ``data`` (if any), V over ``model``.
+
+    Each data shard reduces its own block of the batch (``[blocks]`` for
+    ``"mean"``/``"sum"``, the positions for ``"none"``).
+    """
+    data = data_axis(mesh)
+    x_spec = P(data, None, "model")
+    loss = softmax_loss(reduction, options, "model")
+    per_block = (lambda out: out) if reduction == "none" else (lambda out: out[None])
+    sharded = jax.shard_map(
+        lambda x, y, m, w: per_block(loss(x, y, m, w)),
+        mesh=mesh,
+        in_specs=(x_spec, x_spec if prob else P(data, None), P(data, None), P("model")),
+        out_specs=P(data) if reduction != "none" else P(data, None),
+    )
+    return with_grads(sharded, use_weights)
+
+
+def on_one_device(blocks: int, reduction: str, options: dict, use_weights: bool):
+    """The reference: the plain loss ``vmap``-ed over the same blocks of the batch."""
+    loss = softmax_loss(reduction, options, None)
+
+    def blocked(x, y, m, w):
+        split = lambda a: None if a is None else a.reshape((blocks, -1) + a.shape[1:])
+        out = jax.vmap(lambda x, y, m: loss(x, y, m, w))(split(x), split(y), split(m))
+        return out.reshape((B, T)) if reduction == "none" else out
+
+    return with_grads(blocked, use_weights)
+
+
+SOFTMAX_OPTIONS = {
+    "defaults": ({}, False),
+    "ignore_index=5": ({"ignore_index": 5}, False),
+    "ignore_index=None": ({"ignore_index": None}, False),
+    "class_weights": ({}, True),
+    "label_smoothing": ({"label_smoothing": 0.2}, False),
+    "z_loss": ({"z_loss": 1e-2}, False),
+    "logit_softcap": ({"logit_softcap": 4.0}, False),
+    "all options": ({"label_smoothing": 0.1, "z_loss": 1e-3, "logit_softcap": 6.0}, True),
+    # Without the softcap the reductions read the raw logits (NaN where masked).
+    "all but softcap": ({"label_smoothing": 0.1, "z_loss": 1e-3}, True),
+}
+MASKED_CASES = (("defaults", "mean"), ("all but softcap", "none"), ("all options", "none"))
+
+
+def integer_cases(full: bool) -> list[tuple[str, str, str, bool]]:
+    """``(label, option set, reduction, masked)``.
+
+    ``full``: every option × every reduction. Otherwise every option with
+    ``"none"`` (the per-position values and, through a random cotangent, the
+    whole vector-Jacobian product), and ``"mean"``/``"sum"`` for the defaults
+    and all options together. Both add ``MASKED_CASES``: a mask, with NaN
+    logits at the masked positions.
+    """
+    cases = []
+    for opt in SOFTMAX_OPTIONS:
+        for reduction in REDUCTIONS:
+            if full or reduction == "none" or opt in ("defaults", "all options"):
+                cases.append((f"{opt}, {reduction}", opt, reduction, False))
+    for opt, reduction in MASKED_CASES:
+        cases.append((f"{opt}, {reduction}, masked", opt, reduction, True))
+    return cases
+
+
+def integer_args(inputs: dict, targets, opt: str, reduction: str, masked: bool):
+    if opt == "ignore_index=5":
+        targets = jnp.where(targets == -100, 5, targets)
+    elif opt == "ignore_index=None":  # every target counted
+        targets = jnp.where(targets == -100, 7, targets)
+    x = inputs["logits_nan"] if masked else inputs["logits"]
+    m = inputs["mask"] if masked else None
+    w = inputs["weights"] if SOFTMAX_OPTIONS[opt][1] else None
+    ct = inputs["ct_none"] if reduction == "none" else inputs["ct_blocks"]
+    return x, targets, m, w, ct
+
+
+_REFERENCES: dict = {}
+
+
+def integer_reference(blocks: int, cases: tuple):
+    """One jit over every case (cached: meshes with the same blocks share it)."""
+    key = (blocks, cases)
+    if key not in _REFERENCES:
+        fns = {
+            label: on_one_device(blocks, r, SOFTMAX_OPTIONS[o][0], SOFTMAX_OPTIONS[o][1])
+            for label, o, r, _ in cases
+        }
+        _REFERENCES[key] = jax.jit(
+            lambda inputs, targets: {
+                label: fns[label](*integer_args(inputs, targets, o, r, m))
+                for label, o, r, m in cases
+            }
+        )
+    return _REFERENCES[key]
+
+
+def compare(got: dict, want: dict, prefix: str) -> None:
+    for label in want:
+        with case(f"{prefix}, {label}"):
+            close(got[label], want[label], f"{prefix}, {label}")
+            for leaf in jax.tree.leaves(got[label]):
+                assert bool(jnp.all(jnp.isfinite(leaf))), f"non-finite result {leaf}"
+
+
+@check("softmax")
+def softmax_integer_targets():
+    """Integer targets, every option and reduction, on meshes 4, 8 and 2 × 4.
+
+    Target sets: spread over all shards, all owned by one shard, all ignored
+    (then the mean is 0 with zero gradient, on the mesh as on one device).
+    Mesh 4 runs every option × reduction; 8 and 2 × 4 the subset of
+    ``integer_cases(full=False)``.
+    """
+    for mesh_name in MESHES:
+        mesh = make_mesh(mesh_name)
+        blocks = mesh.shape.get("data", 1)
+        cases = tuple(integer_cases(full=mesh_name == "4"))
+        fns = {label: on_mesh(mesh, r, *SOFTMAX_OPTIONS[o], prob=False) for label, o, r, _ in cases}
+        run = jax.jit(
+            lambda inputs, targets, fns=fns, cases=cases: {
+                label: fns[label](*integer_args(inputs, targets, o, r, m))
+                for label, o, r, m in cases
+            }
+        )
+        # Meshes 4 and 8 share one reference: the full case set, sliced.
+        reference = integer_reference(blocks, tuple(integer_cases(full=blocks == 1)))
+        inputs = softmax_inputs(0, blocks)
+        for t_name, targets in target_sets(mesh.shape["model"]).items():
+            got, want = run(inputs, targets), reference(inputs, targets)
+            compare(got, {label: want[label] for label, *_ in cases}, f"mesh {mesh_name}, {t_name}")
+            if t_name == "all ignored":
+                for label in ("defaults, mean", "all options, mean"):
+                    with case(f"mesh {mesh_name}, all ignored, {label} is 0 with zero gradient"):
+                        close(got[label], jax.tree.map(jnp.zeros_like, got[label]))
+
+
+@check("softmax")
+def softmax_probability_targets():
+    """Probability targets sharded like the vocabulary, with −inf logits where the target is 0."""
+    option_sets = {
+        "plain": ({}, False),
+        "all options": ({"label_smoothing": 0.1, "z_loss": 1e-3, "logit_softcap": 8.0}, True),
+    }
+    rng = np.random.default_rng(1)
+    probs = jax.nn.softmax(jnp.asarray(rng.normal(size=(B, T, V)), jnp.float32))
+    probs = probs.at[:, :, 3].set(0.0)
+    for mesh_name in ("4", "2x4"):
+        mesh = make_mesh(mesh_name)
+        blocks = mesh.shape.get("data", 1)
+        inputs = softmax_inputs(1, blocks)
+        inputs["probs"] = probs
+        inputs["logits"] = inputs["logits"].at[:, :, 3].set(-jnp.inf)
+        # Label smoothing gives a −inf logit target mass ε/C, hence +inf loss, as
+        # the math says: there the class gets a very negative finite logit.
+        inputs["finite_logits"] = inputs["logits"].at[:, :, 3].set(-30.0)
+
+        def args(inputs, opt, reduction):
+            x = inputs["finite_logits"] if opt == "all options" else inputs["logits"]
+            w = inputs["weights"] if option_sets[opt][1] else None
+            ct = inputs["ct_none"] if reduction == "none" else inputs["ct_blocks"]
+            return x, inputs["probs"], inputs["mask"], w, ct
+
+        got, want = {}, {}
+        for which, results in (("mesh", got), ("one", want)):
+            fns = {
+                (o, r): on_mesh(mesh, r, *option_sets[o], prob=True)
+                if which == "mesh"
+                else on_one_device(blocks, r, *option_sets[o])
+                for o in option_sets
+                for r in REDUCTIONS
+            }
+            out = jax.jit(lambda inputs, fns=fns: {k: f(*args(inputs, *k)) for k, f in fns.items()})
+            results.update({f"{o}, {r}": v for (o, r), v in out(inputs).items()})
+        compare(got, want, f"mesh {mesh_name}, probability targets")
+
+
+@check("softmax")
+def softmax_class_axis_one_and_out_of_range():
+    """``axis=1`` (PyTorch layout) sharded on C, check_vma on and off; out-of-range targets."""
+    inputs = softmax_inputs(2, 1)
+    logits, weights = inputs["logits"], inputs["weights"]
+    targets = target_sets(4)["spread"].at[0, 0].set(1)
+    mesh = make_mesh("4")
+    x = jnp.moveaxis(logits, -1, 1)  # [B, V, T]
+    opts = dict(axis=1, label_smoothing=0.1)
+    for check_vma in (True, False):
+        label = f"axis=1, class_weights, label_smoothing, check_vma={check_vma}"
+        with case(label):
+            f = jax.shard_map(
+                lambda x, t, w: jxent.softmax_cross_entropy(
+                    x, t, class_weights=w, vocab_axis_name="model", **opts
+                ),
+                mesh=mesh,
+                in_specs=(P(None, "model", None), P(), P("model")),
+                out_specs=P(),
+                check_vma=check_vma,
+            )
+            ref = lambda x, t, w: jxent.softmax_cross_entropy(x, t, class_weights=w, **opts)
+            vg = lambda fn: jax.jit(jax.value_and_grad(fn, (0, 2)))(x, targets, weights)
+            close(vg(f), vg(ref), label)
+    with case("out-of-range target under the mesh is NaN, never a wrapped class"):
+        bad = targets.at[0, 0].set(V).at[1, 1].set(-7)
+        f = jax.shard_map(
+            lambda x, t: jxent.softmax_cross_entropy(
+                x, t, reduction="none", vocab_axis_name="model"
+            ),
+            mesh=mesh,
+            in_specs=(P(None, None, "model"), P()),
+            out_specs=P(),
+        )
+        out = jax.jit(f)(logits, bad)
+        assert bool(jnp.isnan(out[0, 0])) and bool(jnp.isnan(out[1, 1])), out
+        good = jnp.ones((B, T), bool).at[0, 0].set(False).at[1, 1].set(False)
+        want = jax.jit(partial(jxent.softmax_cross_entropy, reduction="none"))(logits, targets)
+        close(jnp.where(good, out, 0), jnp.where(good, want, 0))
+
+
+# ------------------------------------------------------------------------------ data
+
+
+def lm_inputs(batch: int, seed: int = 3, length: int = 6, width: int = 4, vocab: int = 16):
+    """A linear LM head over hidden states; per-sequence counted tokens 0, 1, 2, ...
+
+    ``mask[i, t] = t <= i`` with ``shift=True`` counts ``min(i, T - 1)``
+    targets in sequence ``i`` (so 0 in the first), and one token is ignored.
+    """
+    rng = np.random.default_rng(seed)
+    tokens = rng.integers(0, vocab, (batch, length))
+    tokens[-2, 3] = -100
+    return {
+        "hidden": jnp.asarray(rng.normal(size=(batch, length, width)), jnp.float32),
+        "tokens": jnp.asarray(tokens, jnp.int32),
+        "mask": jnp.arange(length)[None, :] <= jnp.arange(batch)[:, None],
+        "kernel": jnp.asarray(rng.normal(size=(width, vocab)), jnp.float32),
+        "bias": jnp.asarray(0.1 * rng.normal(size=(vocab,)), jnp.float32),
+        "weights": jnp.asarray(rng.uniform(0.5, 2.0, vocab), jnp.float32),
+    }
+
+
+def head(h, kernel, bias):
+    """Logits ``[B, T, V]`` of the linear head (explicit broadcast: rank promotion raises)."""
+    return h @ kernel + bias[None, None, :]
+
+
+LM_OPTIONS = {
+    "defaults": ({}, False),
+    "all options": ({"label_smoothing": 0.1, "z_loss": 1e-3, "logit_softcap": 5.0}, True),
+}
+
+
+def lm_reference(inputs, options, use_weights):
+    """The global token mean on one device, and its gradients wrt (hidden, kernel, bias)."""
+
+    def loss(h, kernel, bias):
+        return jxent.sequence_nll(
+            head(h, kernel, bias),
+            inputs["tokens"],
+            where=inputs["mask"],
+            class_weights=inputs["weights"] if use_weights else None,
+            **options,
+        )
+
+    return jax.jit(jax.value_and_grad(loss, (0, 1, 2)))(
+        inputs["hidden"], inputs["kernel"], inputs["bias"]
+    )
+
+
+@check("data")
+def data_parallel_token_mean():
+    """psum of NLLStats over 8 devices with 0, 1, 2, ... counted tokens = the global mean.
+
+    Gradients taken outside ``shard_map``, and inside it (``check_vma=True``
+    makes them the global gradient; with ``check_vma=False`` each device holds
+    the number of devices times its own share, and a ``pmean`` gives the
+    global gradient), and with two micro-batches
+    per device accumulated before the ``psum``. The mean of per-device means
+    is checked to differ, so the comparison can fail.
+    """
+    mesh = Mesh(np.asarray(jax.devices()[:8]), ("data",))
+    inputs = lm_inputs(16)
+    params = (inputs["kernel"], inputs["bias"])
+    for opt_name, (options, use_weights) in LM_OPTIONS.items():
+        want_value, want_grads = lm_reference(inputs, options, use_weights)
+        weights = inputs["weights"] if use_weights else None
+
+        def stats(kernel, bias, h, tokens, mask, options=options, weights=weights):
+            return jxent.nll_stats(
+                head(h, kernel, bias), tokens, where=mask, class_weights=weights, **options
+            )
+
+        def global_mean(kernel, bias, h, tokens, mask, stats=stats):
+            return jax.lax.psum(stats(kernel, bias, h, tokens, mask), "data").mean()
+
+        def micro_batched(kernel, bias, h, tokens, mask, stats=stats):
+            parts = [
+                stats(kernel, bias, h[i : i + 1], tokens[i : i + 1], mask[i : i + 1])
+                for i in range(h.shape[0])
+            ]
+            local = jax.tree.map(lambda *xs: sum(xs), *parts)
+            return jax.lax.psum(local, "data").mean()
+
+        def inner_grad(fn, check_vma):
+            def local(kernel, bias, h, tokens, mask):
+                value, grads = jax.value_and_grad(fn, (0, 1))(kernel, bias, h, tokens, mask)
+                if not check_vma:
+                    # Without vma typing, psum transposes to psum: each device holds
+                    # (number of devices) × its own share, so the mean is the total.
+                    grads = jax.lax.pmean(grads, "data")
+                return value, grads
+
+            return local
+
+        data_specs = (P(), P(), P("data"), P("data"), P("data"))
+        args = (*params, inputs["hidden"], inputs["tokens"], inputs["mask"])
+        outer = jax.shard_map(global_mean, mesh=mesh, in_specs=data_specs, out_specs=P())
+        with case(f"data parallel, {opt_name}, grad outside shard_map"):
+            got = jax.jit(jax.value_and_grad(outer, (0, 1, 2)))(*args)
+            d_hidden, d_kernel, d_bias = want_grads
+            close(got, (want_value, (d_kernel, d_bias, d_hidden)))
+        for fn_name, fn in (("psum of stats", global_mean), ("micro-batches", micro_batched)):
+            for check_vma in (True, False):
+                label = f"data parallel, {opt_name}, {fn_name}, grad inside, check_vma={check_vma}"
+                with case(label):
+                    run = jax.shard_map(
+                        inner_grad(fn, check_vma),
+                        mesh=mesh,
+                        in_specs=data_specs,
+                        out_specs=(P(), P()),
+                        check_vma=check_vma,
+                    )
+                    got = jax.jit(run)(*args)
+                    close(got, (want_value, want_grads[1:]))
+        with case(f"data parallel, {opt_name}: the mean of means is not the token mean"):
+            mean_of_means = jax.shard_map(
+                lambda *a: jax.lax.pmean(stats(*a).mean(), "data"),
+                mesh=mesh,
+                in_specs=data_specs,
+                out_specs=P(),
+            )
+            assert abs(float(jax.jit(mean_of_means)(*args)) - float(want_value)) > 1e-2
+
+
+@check("data")
+def two_axis_mesh():
+    """2 × 4 mesh: batch over ``data``, vocabulary over ``model`` (kernel, bias, weights).
+
+    Each device computes ``nll_stats(..., vocab_axis_name="model")`` on its
+    block of the batch and its slice of the vocabulary; ``psum`` over
+    ``data`` gives the global token mean. Also: plain ``jit`` with the inputs
+    placed by ``NamedSharding`` (no ``shard_map``) gives the same numbers.
+    """
+    mesh = make_mesh("2x4")
+    inputs = lm_inputs(4)
+    for opt_name, (options, use_weights) in LM_OPTIONS.items():
+        want = lm_reference(inputs, options, use_weights)
+
+        def local(h, kernel, bias, weights, tokens, mask, options=options):
+            stats = jxent.nll_stats(
+                head(h, kernel, bias),
+                tokens,
+                where=mask,
+                class_weights=weights,
+                vocab_axis_name="model",
+                **options,
+            )
+            return jax.lax.psum(stats, "data").mean()
+
+        loss = jax.shard_map(
+            local,
+            mesh=mesh,
+            in_specs=(P("data"), P(None, "model"), P("model"), P("model"), P("data"), P("data")),
+            out_specs=P(),
+        )
+        weights = inputs["weights"] if use_weights else None
+        rest = (weights, inputs["tokens"], inputs["mask"])
+        with case(f"2x4 mesh, nll_stats + psum, {opt_name}"):
+            objective = lambda h, k, b, loss=loss, rest=rest: loss(h, k, b, *rest)
+            got = jax.jit(jax.value_and_grad(objective, (0, 1, 2)))(
+                inputs["hidden"], inputs["kernel"], inputs["bias"]
+            )
+            close(got, want)
+
+        with case(f"2x4 mesh, plain jit with NamedSharding inputs, {opt_name}"):
+            place = lambda x, *spec: jax.device_put(x, NamedSharding(mesh, P(*spec)))
+            h = place(inputs["hidden"], "data")
+            kernel, bias = place(inputs["kernel"], None, "model"), place(inputs["bias"], "model")
+
+            def plain(h, kernel, bias, options=options, weights=weights):
+                return jxent.sequence_nll(
+                    head(h, kernel, bias),
+                    inputs["tokens"],
+                    where=inputs["mask"],
+                    class_weights=weights,
+                    **options,
+                )
+
+            got = jax.jit(jax.value_and_grad(plain, (0, 1, 2)))(h, kernel, bias)
+            close(got, want)
+
+
+@check("data")
+def explicit_axes_mesh():
+    """``jax.make_mesh``'s default Explicit axes: shard_map on 2 × 4; plain jit when data-only.
+
+    With Explicit axes, inputs are placed with ``NamedSharding`` before the
+    call. ``shard_map`` + ``vocab_axis_name`` works on the 2 × 4 mesh; plain
+    ``jit`` works when only the batch is sharded (every option, class weights
+    included). Plain ``jit`` of vocab-sharded logits raises JAX's
+    ``ShardingTypeError`` at the target gather (it would need collectives):
+    that is what ``shard_map`` + ``vocab_axis_name`` is for.
+    """
+    inputs = lm_inputs(8)
+    options, _ = LM_OPTIONS["all options"]
+    want = lm_reference(inputs, options, use_weights=True)
+    mesh = jax.make_mesh((2, 4), ("data", "model"))
+    place = lambda x, *spec: jax.device_put(x, NamedSharding(mesh, P(*spec)))
+    weights, tokens, mask = (
+        place(inputs[k], *s)
+        for k, s in (("weights", ("model",)), ("tokens", ("data",)), ("mask", ("data",)))
+    )
+    h = place(inputs["hidden"], "data")
+    kernel, bias = place(inputs["kernel"], None, "model"), place(inputs["bias"], "model")
+
+    def local(h, kernel, bias, weights, tokens, mask):
+        stats = jxent.nll_stats(
+            head(h, kernel, bias),
+            tokens,
+            where=mask,
+            class_weights=weights,
+            vocab_axis_name="model",
+            **options,
+        )
+        return jax.lax.psum(stats, "data").mean()
+
+    loss = jax.shard_map(
+        local,
+        mesh=mesh,
+        in_specs=(P("data"), P(None, "model"), P("model"), P("model"), P("data"), P("data")),
+        out_specs=P(),
+    )
+    with case("Explicit 2x4 mesh, shard_map + vocab_axis_name, all options"):
+        objective = lambda h, k, b: loss(h, k, b, weights, tokens, mask)
+        close(jax.jit(jax.value_and_grad(objective, (0, 1, 2)))(h, kernel, bias), want)
+
+    with case("Explicit 2x4 mesh, plain jit of vocab-sharded logits: ShardingTypeError"):
+        plain = lambda h, k, b: jxent.sequence_nll(head(h, k, b), tokens, where=mask)
+        try:
+            with jax.set_mesh(mesh):
+                jax.jit(plain)(h, kernel, bias)
+        except Exception as e:  # the docs say so: if JAX learns this, update them
+            assert type(e).__name__ == "ShardingTypeError", repr(e)
+        else:
+            raise AssertionError("plain jit of vocab-sharded logits now works: update the docs")
+
+    data_mesh = jax.make_mesh((8,), ("data",))
+    place = lambda x, *spec: jax.device_put(x, NamedSharding(data_mesh, P(*spec)))
+    args = (place(inputs["hidden"], "data"), place(inputs["kernel"]), place(inputs["bias"]))
+    weights, tokens, mask = (
+        place(inputs["weights"]),
+        place(inputs["tokens"], "data"),
+        place(inputs["mask"], "data"),
+    )
+
+    def plain(h, kernel, bias):
+        return jxent.sequence_nll(
+            head(h, kernel, bias), tokens, where=mask, class_weights=weights, **options
+        )
+
+    with case("Explicit 8-device data mesh, plain jit, all options"):
+        with jax.set_mesh(data_mesh):
+            got = jax.jit(jax.value_and_grad(plain, (0, 1, 2)))(*args)
+        close(got, want)
+
+
+# ---------------------------------------------------------------------------- linear
+
+D = 8  # hidden [B, T, D], kernel [D, V], bias [V]; V over `model`, B over `data`
+
+
+def linear_inputs(seed: int, blocks: int) -> dict:
+    rng = np.random.default_rng(seed)
+    inputs = softmax_inputs(seed, blocks)
+    inputs["hidden"] = jnp.asarray(rng.normal(size=(B, T, D)), jnp.float32)
+    inputs["kernel"] = jnp.asarray(rng.normal(size=(D, V)), jnp.float32)
+    inputs["bias"] = jnp.asarray(rng.normal(size=(V,)), jnp.float32)
+    return inputs
+
+
+def linear_loss(reduction: str, options: dict, axis_name: str | None, fused: bool):
+    """The fused loss (``fused``), or the softmax loss of the materialised logits."""
+
+    def loss(h, kernel, bias, y, mask, w):
+        common = dict(where=mask, class_weights=w, reduction=reduction, **options)
+        if fused:
+            return jxent.linear_cross_entropy(
+                h, kernel, y, bias=bias, chunk_size=5, vocab_axis_name=axis_name, **common
+            )
+        logits = h @ kernel + (0 if bias is None else bias[None, None, :])
+        return jxent.softmax_cross_entropy(logits, y, **common)
+
+    return loss
+
+
+def linear_with_grads(fn):
+    """``(h, kernel, bias, y, mask, w, ct) -> (value, grads wrt h, kernel and bias)``."""
+
+    def f(h, kernel, bias, y, m, w, ct):
+        objective = lambda h, k, b: (jnp.sum(fn(h, k, b, y, m, w) * ct), fn(h, k, b, y, m, w))
+        (_, value), grads = jax.value_and_grad(objective, (0, 1, 2), has_aux=True)(h, kernel, bias)
+        return value, grads
+
+    return f
+
+
+def linear_on_mesh(mesh: Mesh, reduction: str, options: dict, check_vma: bool = True):
+    data = data_axis(mesh)
+    loss = linear_loss(reduction, options, "model", fused=True)
+    per_block = (lambda out: out) if reduction == "none" else (lambda out: out[None])
+    sharded = jax.shard_map(
+        lambda *args: per_block(loss(*args)),
+        mesh=mesh,
+        in_specs=(
+            P(data),  # hidden [B, T, D]
+            P(None, "model"),  # kernel [D, V]
+            P("model"),  # bias [V]
+            P(data),  # targets
+            P(data),  # mask
+            P("model"),  # class weights
+        ),
+        out_specs=P(data) if reduction != "none" else P(data, None),
+        check_vma=check_vma,
+    )
+    return linear_with_grads(sharded)
+
+
+def linear_on_one_device(blocks: int, reduction: str, options: dict):
+    """Reference: softmax_cross_entropy of ``hidden @ kernel + bias``, per block of the batch."""
+    loss = linear_loss(reduction, options, None, fused=False)
+
+    def blocked(h, kernel, bias, y, m, w):
+        split = lambda a: None if a is None else a.reshape((blocks, -1) + a.shape[1:])
+        block_loss = lambda h, y, m: loss(h, kernel, bias, y, m, w)
+        out = jax.vmap(block_loss)(split(h), split(y), split(m))
+        return out.reshape((B, T)) if reduction == "none" else out
+
+    return linear_with_grads(blocked)
+
+
+def linear_cases() -> list[tuple[str, str, str, bool, bool]]:
+    """``(label, option set, reduction, masked, with bias)``.
+
+    Every reduction with the defaults and with all options together (class
+    weights, label smoothing, z-loss, softcap): the options' vocab-parallel
+    arithmetic is the softmax core's, checked one by one in the ``softmax``
+    group; here the fused machinery (chunks, custom VJP, sharded bias, the
+    hidden-state gradient) carries them. Plus a custom ``ignore_index`` and a
+    mask, without bias.
+    """
+    cases = [
+        (f"{opt}, {reduction}", opt, reduction, False, True)
+        for opt in ("defaults", "all options")
+        for reduction in REDUCTIONS
+    ]
+    cases.append(("ignore_index=5, none, no bias", "ignore_index=5", "none", False, False))
+    cases.append(("all but softcap, sum, masked, no bias", "all but softcap", "sum", True, False))
+    return cases
+
+
+def linear_args(inputs: dict, targets, opt: str, reduction: str, masked: bool, with_bias: bool):
+    _, targets, m, w, ct = integer_args(inputs, targets, opt, reduction, masked)
+    h = inputs["hidden"]  # finite: NaN hidden gives NaN kernel gradients in the reference
+    bias = inputs["bias"] if with_bias else None
+    return h, inputs["kernel"], bias, targets, m, w, ct
+
+
+@check("linear")
+def linear_values_and_gradients():
+    """``linear_cross_entropy(vocab_axis_name=...)`` = softmax of the materialised logits.
+
+    Meshes 4, 8 and 2 × 4, the cases of ``linear_cases``, target sets spread /
+    one shard / all ignored;
+    ``chunk_size=5`` over 12 tokens per block so the chunks overlap at the end.
+    Gradients with respect to hidden (psummed over the vocab axis), kernel
+    and bias.
+    """
+    cases = tuple(linear_cases())
+    references = {}
+    for mesh_name in MESHES:
+        mesh = make_mesh(mesh_name)
+        blocks = mesh.shape.get("data", 1)
+        if blocks not in references:
+            fns = {
+                c[0]: linear_on_one_device(blocks, c[2], SOFTMAX_OPTIONS[c[1]][0]) for c in cases
+            }
+            references[blocks] = jax.jit(
+                lambda inputs, targets, fns=fns: {
+                    c[0]: fns[c[0]](*linear_args(inputs, targets, *c[1:])) for c in cases
+                }
+            )
+        fns = {c[0]: linear_on_mesh(mesh, c[2], SOFTMAX_OPTIONS[c[1]][0]) for c in cases}
+        run = jax.jit(
+            lambda inputs, targets, fns=fns: {
+                c[0]: fns[c[0]](*linear_args(inputs, targets, *c[1:])) for c in cases
+            }
+        )
+        inputs = linear_inputs(4, blocks)
+        for t_name, targets in target_sets(mesh.shape["model"]).items():
+            got, want = run(inputs, targets), references[blocks](inputs, targets)
+            compare(got, want, f"linear, mesh {mesh_name}, {t_name}")
+
+
+@check("linear")
+def linear_without_vma_checks():
+    """``check_vma=False`` (no mesh-variance types): the same values and gradients, 2 × 4 mesh."""
+    mesh = make_mesh("2x4")
+    inputs = linear_inputs(7, 2)
+    targets = target_sets(4)["spread"]
+    options = SOFTMAX_OPTIONS["all options"][0]
+    for reduction in ("mean", "none"):
+        with case(f"linear, check_vma=False, all options, {reduction}"):
+            sharded = linear_on_mesh(mesh, reduction, options, check_vma=False)
+            reference = linear_on_one_device(2, reduction, options)
+            ct = inputs["ct_none"] if reduction == "none" else inputs["ct_blocks"]
+            args = (inputs["hidden"], inputs["kernel"], inputs["bias"], targets, inputs["mask"])
+            args += (inputs["weights"], ct)
+            close(jax.jit(sharded)(*args), jax.jit(reference)(*args))
+
+
+def collectives(hlo: str) -> list[tuple[str, list[tuple[int, ...]]]]:
+    """``(op, [operand/result shapes])`` for every collective instruction in HLO text."""
+    found = []
+    for line in hlo.splitlines():
+        match = re.search(
+            r"=\s*(.*?)\s(all-gather|all-reduce|reduce-scatter|all-to-all|collective-permute)"
+            r"(-start)?\(",
+            line,
+        )
+        if match:
+            shapes = [
+                tuple(int(d) for d in dims.split(",") if d)
+                for dims in re.findall(r"[a-z]\d*\[([\d,]*)\]", match.group(1))
+            ]
+            found.append((match.group(2), shapes))
+    return found
+
+
+@check("linear")
+def linear_communication_and_memory():
+    """Compiled program at k = 4 and 8 shards: no all-gather, small all-reduces, 1/k memory.
+
+    The only collectives allowed are all-reduces whose operands have at most
+    ``tokens × D`` elements (the ``[tokens]`` max / sum / target-logit vectors
+    and the hidden-state gradient) and no vocabulary-sized axis; per-device
+    temp memory (``memory_analysis``) is at most 1.5/k of the single-device
+    fused path's, for the value and gradients of the mean loss.
+    """
+    n, d, v, chunk = 384, 64, 4096, 128  # no two of n, d, v/4, v/8 alike
+    rng = np.random.default_rng(5)
+    hidden = jnp.asarray(rng.normal(size=(n, d)), jnp.float32)
+    kernel = jnp.asarray(rng.normal(size=(d, v)) / 8, jnp.float32)
+    bias = jnp.zeros((v,), jnp.float32)
+    targets = jnp.asarray(rng.integers(0, v, n), jnp.int32)
+    options = dict(chunk_size=chunk, label_smoothing=0.1, z_loss=1e-4)
+
+    def value_and_grads(axis_name):
+        loss = lambda h, k, b, t: jxent.linear_cross_entropy(
+            h, k, t, bias=b, vocab_axis_name=axis_name, **options
+        )
+        return jax.value_and_grad(loss, (0, 1, 2))
+
+    with case("the HLO check can fail: it sees an all-gather of the kernel"):
+        gather = jax.shard_map(
+            lambda k: jnp.sum(jax.lax.all_gather(k, "model", axis=1, tiled=True)),
+            mesh=Mesh(np.asarray(jax.devices()[:4]), ("model",)),
+            in_specs=P(None, "model"),
+            out_specs=P(),
+            check_vma=False,
+        )
+        found = collectives(jax.jit(gather).lower(kernel).compile().as_text())
+        assert any(op == "all-gather" and (d, v) in shapes for op, shapes in found), found
+
+    single = jax.jit(value_and_grads(None)).lower(hidden, kernel, bias, targets).compile()
+    single_temp = single.memory_analysis().temp_size_in_bytes
+    want = single(hidden, kernel, bias, targets)
+    for k in (4, 8):
+        mesh = Mesh(np.asarray(jax.devices()[:k]), ("model",))
+        sharded = jax.shard_map(
+            value_and_grads("model"),
+            mesh=mesh,
+            in_specs=(P(), P(None, "model"), P("model"), P()),
+            out_specs=(P(), (P(), P(None, "model"), P("model"))),
+        )
+        compiled = jax.jit(sharded).lower(hidden, kernel, bias, targets).compile()
+        with case(f"linear, {k} shards: same value and gradients"):
+            chex.assert_trees_all_close(
+                compiled(hidden, kernel, bias, targets), want, atol=1e-4, rtol=1e-4
+            )
+        with case(f"linear, {k} shards: only small all-reduces in the compiled HLO"):
+            found = collectives(compiled.as_text())
+            assert found, "expected all-reduces of [tokens] vectors, found no collective"
+            for op, shapes in found:
+                assert op == "all-reduce", f"{op} of {shapes} in the compiled program"
+                for shape in shapes:
+                    assert v not in shape and v // k not in shape, f"vocab-sized {op} {shape}"
+                    assert math.prod(shape) <= n * d, f"{op} of {shape}: more than tokens × D"
+        with case(f"linear, {k} shards: temp memory about 1/{k} of one device's"):
+            temp = compiled.memory_analysis().temp_size_in_bytes
+            print(f"  {k} shards: temp {temp} B per device, one device {single_temp} B")
+            assert temp <= 1.5 * single_temp / k, (temp, single_temp)
+
+
+# ------------------------------------------------------------------------------ errors
+
+
+@check("errors")
+def uneven_vocabulary_and_unsharded_class_arrays():
+    """Clear errors: a vocabulary that does not divide over the shards, unsharded class arrays.
+
+    ``shard_map`` itself rejects a class axis that does not divide evenly,
+    naming the argument, the axis and both sizes; jxent does not pad.
+    """
+    mesh = make_mesh("4")
+    rng = np.random.default_rng(6)
+    targets = jnp.asarray(rng.integers(0, 30, (B, T)), jnp.int32)
+
+    def expect(error, pattern: str, fn, *args) -> None:
+        try:
+            jax.jit(fn)(*args)
+        except error as e:
+            assert re.search(pattern, str(e)), f"message {str(e)!r} does not match {pattern!r}"
+        else:
+            raise AssertionError(f"no {error.__name__} matching {pattern!r}")
+
+    softmax = lambda x, t, w=None: jxent.softmax_cross_entropy(
+        x, t, class_weights=w, vocab_axis_name="model"
+    )
+    with case("softmax_cross_entropy: 30 classes over 4 shards"):
+        uneven = jax.shard_map(
+            softmax, mesh=mesh, in_specs=(P(None, None, "model"), P()), out_specs=P()
+        )
+        pattern = r"maps array axis 2 \(of size 30\) to mesh axis 'model' \(of size 4\)"
+        expect(
+            ValueError,
+            pattern + r", but 4 does not evenly divide 30",
+            uneven,
+            jnp.zeros((B, T, 30)),
+            targets,
+        )
+    with case("softmax_cross_entropy: class_weights not sharded like the vocabulary"):
+        unsharded = jax.shard_map(
+            softmax, mesh=mesh, in_specs=(P(None, None, "model"), P(), P()), out_specs=P()
+        )
+        pattern = r"class_weights has shape \(32,\) but this shard of logits has 8 classes"
+        expect(ValueError, pattern, unsharded, jnp.zeros((B, T, 32)), targets, jnp.ones(32))
+    with case("softmax_cross_entropy: vocab_axis_name outside shard_map"):
+        pattern = r"vocab_axis_name='model' is not a mesh axis bound here: call the loss inside"
+        expect(ValueError, pattern, softmax, jnp.zeros((B, T, 32)), targets)
+
+    def linear(h, k, t, b=None):
+        return jxent.linear_cross_entropy(h, k, t, bias=b, vocab_axis_name="model")
+
+    with case("linear_cross_entropy: kernel with 30 classes over 4 shards"):
+        uneven = jax.shard_map(
+            linear, mesh=mesh, in_specs=(P(), P(None, "model"), P()), out_specs=P()
+        )
+        pattern = r"maps array axis 1 \(of size 30\) to mesh axis 'model' \(of size 4\)"
+        expect(ValueError, pattern, uneven, jnp.zeros((B, T, D)), jnp.zeros((D, 30)), targets)
+    with case("linear_cross_entropy: bias not sharded like the kernel"):
+        unsharded = jax.shard_map(
+            linear, mesh=mesh, in_specs=(P(), P(None, "model"), P(), P()), out_specs=P()
+        )
+        pattern = r"bias has shape \(32,\) but kernel \(8, 8\) has 8 classes"
+        expect(
+            ValueError,
+            pattern,
+            unsharded,
+            jnp.zeros((B, T, D)),
+            jnp.zeros((D, 32)),
+            targets,
+            jnp.zeros(32),
+        )
+    with case("linear_cross_entropy: vocab_axis_name outside shard_map"):
+        pattern = r"vocab_axis_name='model' is not a mesh axis bound here"
+        expect(ValueError, pattern, linear, jnp.zeros((B, T, D)), jnp.zeros((D, 32)), targets)
+
+
+# ------------------------------------------------------------------------------ main
+
+
+def main(argv: list[str]) -> int:
+    if jax.device_count() < 8:
+        print(
+            f"mesh_checks needs 8 devices, found {jax.device_count()}: run it as "
+            "XLA_FLAGS=--xla_force_host_platform_device_count=8 python tests/mesh_checks.py"
+        )
+        return 2
+    jax.config.update("jax_numpy_rank_promotion", "raise")
+    groups = argv or list(CHECKS)
+    unknown = [g for g in groups if g not in CHECKS]
+    if unknown:
+        print(f"unknown group(s) {unknown}; choose from {list(CHECKS)}")
+        return 2
+    for group in groups:
+        for fn in CHECKS[group]:
+            start, before = time.perf_counter(), len(FAILURES)
+            with case(f"{group}/{fn.__name__}"):
+                fn()
+            status = "ok  " if len(FAILURES) == before else "FAIL"
+            print(f"{status} {group}/{fn.__name__} ({time.perf_counter() - start:.1f} s)")
+    if FAILURES:
+        print(f"\n{len(FAILURES)} failure(s):")
+        for failure in FAILURES:
+            print(f"--- {failure}")
+        return 1
+    print("all mesh checks passed")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
