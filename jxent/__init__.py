@@ -7,6 +7,7 @@ from ._information import information_content as information_content
 from ._information import js_divergence as js_divergence
 from ._information import kl_divergence as kl_divergence
 from ._information import kl_divergence_from_logits as kl_divergence_from_logits
+from ._linear import linear_cross_entropy as linear_cross_entropy
 from ._sequence import NLLStats as NLLStats
 from ._sequence import nll_stats as nll_stats
 from ._sequence import perplexity as perplexity
@@ -24,6 +25,7 @@ __all__ = [
     "js_divergence",
     "kl_divergence",
     "kl_divergence_from_logits",
+    "linear_cross_entropy",
     "nll_stats",
     "perplexity",
     "sequence_nll",

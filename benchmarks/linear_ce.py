@@ -1,0 +1,198 @@
+"""Fused linear cross-entropy against the materialised logits and PyTorch, on CPU.
+
+For each size ``(N, D, V)`` (float32, plain mean loss, all targets counted),
+one forward + backward pass (value, ∂/∂hidden and ∂/∂kernel) of:
+
+* ``jxent fused``: ``jxent.linear_cross_entropy(hidden, kernel, targets)``
+  (default chunk size);
+* ``jxent materialised``: ``jxent.softmax_cross_entropy(hidden @ kernel, targets)``;
+* ``torch options=None``: ``torch.nn.functional.linear_cross_entropy`` on its
+  reference path (the full logits);
+* ``torch chunked``: the same with ``options=torch.nn.LinearCrossEntropyOptions()``.
+
+All four run in one process, alternating within every round (the order
+rotates from round to round), so that a slower or busier moment of a shared
+machine hits every implementation alike; the ratios are the medians of the
+per-round ratios. Memory: ``temp`` is XLA's compiled temporary allocation
+(``memory_analysis().temp_size_in_bytes``: what the program needs beyond its
+arguments and outputs); ``peak`` is the rise of the process's resident memory
+during one pass (``VmHWM`` after resetting it through ``/proc/self/clear_refs``,
+minus ``VmRSS`` before, freed heap memory handed back to the OS first), which
+includes the outputs (the gradients). The
+four losses are checked to agree before anything is timed.
+
+    python benchmarks/linear_ce.py            # the README table (needs ~14 GB free)
+    python benchmarks/linear_ce.py --quick    # smaller sizes, a minute or two
+"""
+
+from __future__ import annotations
+
+import argparse
+import ctypes
+import gc
+import os
+import platform
+import statistics
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import torch
+
+import jxent
+
+SIZES = [(4096, 512, 32768), (8192, 1024, 131072)]
+QUICK_SIZES = [(2048, 256, 16384), (2048, 512, 32768)]
+NAMES = ["jxent fused", "jxent materialised", "torch options=None", "torch chunked"]
+
+
+def rss_mib() -> tuple[float, float]:
+    """(current, peak) resident memory of this process, MiB (Linux)."""
+    values = {}
+    with open("/proc/self/status") as f:
+        for line in f:
+            key, _, rest = line.partition(":")
+            if key in ("VmRSS", "VmHWM"):
+                values[key] = int(rest.split()[0]) / 1024
+    return values["VmRSS"], values["VmHWM"]
+
+
+def release_free_memory() -> None:
+    """Hand freed heap memory back to the OS, so that the next peak starts from live data."""
+    gc.collect()
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
+
+def reset_peak() -> bool:
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
+
+
+def jax_case(loss, hidden, kernel, targets):
+    """A compiled value-and-grad step: (run, temp bytes)."""
+    step = jax.jit(jax.value_and_grad(loss, argnums=(0, 1)))
+    compiled = step.lower(hidden, kernel, targets).compile()
+    temp = compiled.memory_analysis().temp_size_in_bytes
+
+    def run():
+        out = compiled(hidden, kernel, targets)
+        jax.block_until_ready(out)
+        return float(out[0])
+
+    return run, temp
+
+
+def torch_case(options, hidden, kernel, targets):
+    """Forward + backward of torch's linear_cross_entropy (weight as [V, D])."""
+    h = torch.from_numpy(np.array(hidden)).requires_grad_(True)
+    w = torch.from_numpy(np.array(kernel).T.copy()).requires_grad_(True)
+    t = torch.from_numpy(np.array(targets, np.int64))
+
+    def run():
+        h.grad = w.grad = None
+        loss = torch.nn.functional.linear_cross_entropy(h, w, t, options=options)
+        loss.backward()
+        value = float(loss.detach())
+        h.grad = w.grad = None
+        return value
+
+    return run, None
+
+
+def measure(size, rounds: int):
+    n, d, v = size
+    rng = np.random.default_rng(0)
+    hidden = jnp.asarray(rng.standard_normal((n, d), np.float32))
+    kernel = jnp.asarray(rng.standard_normal((d, v), np.float32) / np.sqrt(d))
+    targets = jnp.asarray(rng.integers(0, v, n, dtype=np.int32))
+
+    cases = {
+        "jxent fused": jax_case(jxent.linear_cross_entropy, hidden, kernel, targets),
+        "jxent materialised": jax_case(
+            lambda h, k, t: jxent.softmax_cross_entropy(h @ k, t), hidden, kernel, targets
+        ),
+        "torch options=None": torch_case(None, hidden, kernel, targets),
+        "torch chunked": torch_case(torch.nn.LinearCrossEntropyOptions(), hidden, kernel, targets),
+    }
+    # Warm-up, correctness and peak memory: one pass each, alone.
+    values, peak = {}, {}
+    for name, (run, _) in cases.items():
+        values[name] = run()
+        release_free_memory()
+        before, _ = rss_mib()
+        peak[name] = None
+        if reset_peak():
+            run()
+            peak[name] = rss_mib()[1] - before
+        release_free_memory()
+    spread = max(values.values()) - min(values.values())
+    assert spread <= 1e-4 * abs(values["jxent materialised"]), values
+
+    times = {name: [] for name in cases}
+    order = list(cases)
+    for r in range(rounds):
+        for name in order[r % len(order) :] + order[: r % len(order)]:
+            start = time.perf_counter()
+            cases[name][0]()
+            times[name].append(time.perf_counter() - start)
+    return {
+        name: {
+            "time": statistics.median(times[name]),
+            "vs_materialised": statistics.median(
+                a / b for a, b in zip(times[name], times["jxent materialised"], strict=True)
+            ),
+            "vs_torch_chunked": statistics.median(
+                a / b for a, b in zip(times[name], times["torch chunked"], strict=True)
+            ),
+            "temp": None if cases[name][1] is None else cases[name][1] / 2**20,
+            "peak": peak[name],
+        }
+        for name in cases
+    }
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="smaller sizes")
+    parser.add_argument("--rounds", type=int, default=None, help="timed rounds per size")
+    args = parser.parse_args()
+    sizes = QUICK_SIZES if args.quick else SIZES
+    rounds = args.rounds or (5 if args.quick else 3)
+
+    print(
+        f"CPU: {platform.processor() or platform.machine()}, {os.cpu_count()} cores; "
+        f"jax {jax.__version__}, torch {torch.__version__} ({torch.get_num_threads()} threads); "
+        f"float32, forward + backward, median of {rounds} alternating rounds"
+    )
+    header = (
+        f"| {'N, D, V':<20} | {'implementation':<19} | {'time (s)':>8} | "
+        f"{'÷ jxent materialised':>20} | {'÷ torch chunked':>15} | "
+        f"{'temp (MiB)':>10} | {'peak (MiB)':>10} |"
+    )
+    print(header)
+    print("|" + "|".join("-" * (len(c)) for c in header.split("|")[1:-1]) + "|")
+    for size in sizes:
+        results = measure(size, rounds)
+        for name in NAMES:
+            r = results[name]
+            temp = "—" if r["temp"] is None else f"{r['temp']:.0f}"
+            peak = "—" if r["peak"] is None else f"{r['peak']:.0f}"
+            print(
+                f"| {', '.join(map(str, size)):<20} | {name:<19} | {r['time']:>8.2f} | "
+                f"{r['vs_materialised']:>20.2f} | {r['vs_torch_chunked']:>15.2f} | "
+                f"{temp:>10} | {peak:>10} |",
+                flush=True,
+            )
+        release_free_memory()
+
+
+if __name__ == "__main__":
+    main()
