@@ -418,6 +418,43 @@ def test_masked_nonfinite_logits_reach_neither_value_nor_gradient(rng, probabili
         close(grad, clean_grad)
 
 
+@pytest.mark.parametrize("label_smoothing", [0.0, 0.3])
+def test_masked_nonfinite_logits_leave_the_class_weight_gradient_finite(rng, label_smoothing):
+    """d loss / d class_weights reads the logits: masked NaN/inf must not reach it.
+
+    Label smoothing's Σ_c w_c·x_c is a matrix-vector product whose plain
+    autodiff would form Σ_n x_n · 0 = NaN over masked rows.
+    """
+    logits, targets, weights = draw(rng)
+    mask = np.array([True, False, True, False, True, False])
+    poisoned = logits.copy()
+    poisoned[1] = np.nan
+    poisoned[3] = np.inf
+    targets = np.where(mask, targets, -100).astype(np.int32)
+
+    @jax.jit
+    def weight_grads(x, w):
+        fn = functools.partial(
+            jxent.softmax_cross_entropy, label_smoothing=label_smoothing, z_loss=1e-3
+        )
+        full = jax.grad(lambda w: fn(x, targets, class_weights=w))(w)
+        sliced = jax.grad(lambda w: fn(x[mask], targets[mask], class_weights=w))(w)
+        return full, sliced
+
+    full, sliced = weight_grads(poisoned, weights)
+    assert np.all(np.isfinite(np.asarray(full)))
+    close(full, sliced)
+    # forward mode through the same rule
+    _, tangent = jax.jvp(
+        lambda w: jxent.softmax_cross_entropy(
+            poisoned, targets, class_weights=w, label_smoothing=label_smoothing
+        ),
+        (weights,),
+        (np.ones_like(weights),),
+    )
+    assert np.isfinite(tangent)
+
+
 def test_neg_inf_logit_is_a_zero_probability_class(rng):
     """A −inf logit whose class has target 0 contributes nothing: as if the class were absent."""
     logits, targets, _ = draw(rng)
