@@ -34,10 +34,12 @@ float32, forward + backward, medians of alternating runs, ``N, D, V = 4096,
   traffic, not the arithmetic, sets the pace. Hence the default:
   ``2**24 / V`` positions (64 MiB of float32 logits), at least 256.
 * Temporary memory of ``jit(value_and_grad)`` (XLA's ``memory_analysis``) at
-  ``N, D, V = 8192, 512, 65536``: materialised 4096 MiB, fused 160 MiB (3.9 %),
-  and 160 MiB again at ``N = 32768``. Two details keep it flat in ``N``: the
-  last chunk is moved back to end at ``N`` instead of padding (no copy of
-  ``hidden``), and outputs are written in place into the loop's carries.
+  ``N, D, V = 8192, 512, 65536``: materialised 4096 MiB, fused 129 MiB (3.1 %),
+  and 129 MiB again at ``N = 32768``. Three details keep it small and flat in
+  ``N``: the last chunk is moved back to end at ``N`` instead of padding (no
+  copy of ``hidden``), outputs are written in place into the loop's carries,
+  and ``h_c.T @ g`` is formed and added a block of classes at a time (one
+  ``[D, V]`` product would need a ``[D, V]`` temporary).
 
 ``benchmarks/linear_ce.py`` compares against PyTorch's
 ``torch.nn.functional.linear_cross_entropy`` as well.
@@ -74,6 +76,8 @@ __all__ = ["linear_cross_entropy"]
 # least this many positions.
 _CHUNK_ELEMENTS = 1 << 24
 _MIN_CHUNK = 256
+# The product added into the kernel's gradient is formed this many elements at a time.
+_BLOCK_ELEMENTS = 1 << 22
 
 
 class _Options(NamedTuple):
@@ -208,13 +212,14 @@ def _accumulate_outer(d_kernel, h, g, acc):
     """``d_kernel + h.T @ g`` for ``h [C, D]`` and ``g [C, V]``, updated in place.
 
     One ``[D, V]`` product would need a second ``[D, V]`` buffer before the
-    addition. A loop over blocks of ``V·C/D`` classes bounds that buffer by
-    one chunk's logits (a loop: XLA computes unrolled products up front and
-    holds them all).
+    addition. A loop over blocks of classes (a loop: XLA computes unrolled
+    products up front and holds them all) bounds that buffer by the smaller
+    of one chunk's logits and ``_BLOCK_ELEMENTS`` (16 MiB in float32), which
+    measured as fast as one product.
     """
     c, d = h.shape
     v = d_kernel.shape[1]
-    width = v if c >= d else max(1, v * c // d)
+    width = min(v, max(1, min(v * c, _BLOCK_ELEMENTS) // d))
     full = v // width
 
     def add_block(lo, d_kernel, size):
