@@ -382,7 +382,8 @@ def linear_cross_entropy(
       hidden: ``[..., D]`` hidden states, any float dtype.
       kernel: ``[D, V]``, the Flax ``nnx.Linear``/``nn.Dense`` layout. A tied
         embedding table ``[V, D]`` (or a PyTorch ``nn.Linear`` weight) is
-        passed as ``emb.T``; XLA reads the transpose without a copy.
+        passed as ``emb.T`` (XLA:CPU then makes one transposed copy of the
+        table per call, outside the loop: a ``[D, V]`` temporary).
       targets: ``[...]`` integer class ids (``hidden.shape[:-1]``, any integer
         dtype). Probability targets are not supported: they are ``[N, V]``.
       bias: ``[V]`` or ``None``.
