@@ -20,19 +20,24 @@ Why this algorithm (measured on the shared 2-core x86 CPU of the project,
 float32, forward + backward, medians of alternating runs, ``N, D, V = 4096,
 512, 32768``):
 
-* materialised ``softmax_cross_entropy(h @ kernel)``: 4.02 s; token chunks
-  (this module, ``C = 256`` / default): 3.83 s / 3.93 s; vocabulary blocks
+* with other jobs loading the machine: materialised
+  ``softmax_cross_entropy(h @ kernel)``: 4.02 s; token chunks
+  (this module, ``C = 256`` / ``512``): 3.83 s / 3.93 s; vocabulary blocks
   with an online log-sum-exp and a recomputing backward pass (a prototype for
   the plain loss only; four products): 4.72 s (blocks of 1024 classes),
   4.23 s (4096). One ``[N, D] @ [D, V]`` product alone takes 0.65 s, three
   2.43 s: on CPU the loss is bound by its products, so three beat four, and
   the token chunks can reuse the softmax core as it is, where vocabulary
   blocks would need every option rewritten as an online reduction.
-* Chunk size, ``N, D, V = 2048, 1024, 131072``, time ÷ materialised:
-  ``C = 64``: 1.59, 128: 1.15, 256: 1.00, 512: 0.90. Each chunk streams the
-  kernel twice and its gradient once; below a few hundred positions that
-  traffic, not the arithmetic, sets the pace. Hence the default:
-  ``2**24 / V`` positions (64 MiB of float32 logits), at least 256.
+* Chunk size ``C``, time ÷ materialised (quiet machine): at ``N, D, V =
+  4096, 512, 32768``, ``C = 128``: 1.02, 192: 0.92, 256: 0.90, 512: 0.87; at
+  ``2048, 1024, 131072``, 128: 1.19, 192: 1.07, 256: 0.96. Each chunk
+  streams the kernel twice and its gradient once; below ~200 positions that
+  traffic, not the arithmetic, sets the pace, and above a few hundred the
+  gain is small while the memory grows with ``C``. Hence the default
+  (``default_chunk_size``): ``min(2**24 / V, N / 32)``, at least 192: at
+  most 64 MiB of float32 logits, and temporaries about ``1/32`` of the
+  materialised ones once ``N ≥ 32 · 192`` (4.7 % at ``4096, 512, 32768``).
 * Temporary memory of ``jit(value_and_grad)`` (XLA's ``memory_analysis``) at
   ``N, D, V = 8192, 512, 65536``: materialised 4096 MiB, fused 129 MiB (3.1 %),
   and 129 MiB again at ``N = 32768``. Three details keep it small and flat in
@@ -72,10 +77,11 @@ from ._softmax import per_position_losses
 
 __all__ = ["linear_cross_entropy"]
 
-# The default chunk holds about this many logits (64 MiB in float32), and at
-# least this many positions.
+# The default chunk: at most this many logits (64 MiB in float32) and this
+# fraction of the positions, but at least this many positions.
 _CHUNK_ELEMENTS = 1 << 24
-_MIN_CHUNK = 256
+_MIN_CHUNKS = 32
+_MIN_CHUNK = 192
 # The product added into the kernel's gradient is formed this many elements at a time.
 _BLOCK_ELEMENTS = 1 << 22
 
@@ -93,12 +99,18 @@ class _Options(NamedTuple):
 
 
 def default_chunk_size(num_tokens: int, num_classes: int) -> int:
-    """``2**24 / V`` positions (64 MiB of float32 logits), at least 256, at most ``N``.
+    """Positions per chunk when ``chunk_size=None``.
 
-    Each chunk reads the kernel twice and its gradient once: below a few
-    hundred positions that traffic, not the arithmetic, sets the speed.
+    ``min(2**24 / V, N / 32)``, but at least 192 (and at most ``N``), rounded
+    down to a multiple of 8. The first bound caps the chunk's logits at
+    64 MiB; the second keeps the temporaries near 1/32 of what the
+    materialised logits and their gradient would take; the floor keeps the
+    products efficient: each chunk streams the kernel twice and its gradient
+    once, and below ~200 positions that traffic, not the arithmetic, sets
+    the pace.
     """
-    chunk = max(_MIN_CHUNK, _CHUNK_ELEMENTS // max(num_classes, 1) // 8 * 8)
+    chunk = min(_CHUNK_ELEMENTS // max(num_classes, 1), num_tokens // _MIN_CHUNKS)
+    chunk = max(_MIN_CHUNK, chunk // 8 * 8)
     return min(chunk, num_tokens)
 
 
@@ -397,9 +409,9 @@ def linear_cross_entropy(
       logit_softcap: ``c`` replaces the logits with ``c · tanh(z / c)`` first.
       reduction: ``"mean"`` (÷ the targets' total weight), ``"sum"`` or
         ``"none"`` (per position, 0 where not counted).
-      chunk_size: positions per chunk; ``None`` takes ``2**24 / V`` (64 MiB of
-        float32 logits), at least 256 and at most ``N``. It changes speed and
-        memory, not the result (beyond float rounding).
+      chunk_size: positions per chunk; ``None`` takes ``min(2**24 / V, N / 32)``
+        (at most 64 MiB of float32 logits), at least 192 and at most ``N``.
+        It changes speed and memory, not the result (beyond float rounding).
       vocab_axis_name: inside ``jax.shard_map``, the mesh axis along which
         ``kernel``, ``bias`` and ``class_weights`` are sharded (each shard
         holds ``V / shards`` consecutive classes, in order; ``targets`` hold
