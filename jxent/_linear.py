@@ -35,8 +35,8 @@ float32, forward + backward, medians of alternating runs, ``N, D, V = 4096,
   streams the kernel twice and its gradient once; below ~200 positions that
   traffic, not the arithmetic, sets the pace, and above a few hundred the
   gain is small while the memory grows with ``C``. Hence the default
-  (``default_chunk_size``): ``min(2**24 / V, N / 32)``, at least 192: at
-  most 64 MiB of float32 logits, and temporaries about ``1/32`` of the
+  (``default_chunk_size``): ``min(2**25 / V, N / 32)``, at least 192: at
+  most 128 MiB of float32 logits, and temporaries about ``1/32`` of the
   materialised ones once ``N ≥ 32 · 192`` (4.7 % at ``4096, 512, 32768``).
 * Temporary memory of ``jit(value_and_grad)`` (XLA's ``memory_analysis``) at
   ``N, D, V = 8192, 512, 65536``: materialised 4096 MiB, fused 129 MiB (3.1 %),
@@ -77,9 +77,9 @@ from ._softmax import per_position_losses
 
 __all__ = ["linear_cross_entropy"]
 
-# The default chunk: at most this many logits (64 MiB in float32) and this
+# The default chunk: at most this many logits (128 MiB in float32) and this
 # fraction of the positions, but at least this many positions.
-_CHUNK_ELEMENTS = 1 << 24
+_CHUNK_ELEMENTS = 1 << 25
 _MIN_CHUNKS = 32
 _MIN_CHUNK = 192
 # The product added into the kernel's gradient is formed this many elements at a time.
@@ -101,9 +101,9 @@ class _Options(NamedTuple):
 def default_chunk_size(num_tokens: int, num_classes: int) -> int:
     """Positions per chunk when ``chunk_size=None``.
 
-    ``min(2**24 / V, N / 32)``, but at least 192 (and at most ``N``), rounded
+    ``min(2**25 / V, N / 32)``, but at least 192 (and at most ``N``), rounded
     down to a multiple of 8. The first bound caps the chunk's logits at
-    64 MiB; the second keeps the temporaries near 1/32 of what the
+    128 MiB; the second keeps the temporaries near 1/32 of what the
     materialised logits and their gradient would take; the floor keeps the
     products efficient: each chunk streams the kernel twice and its gradient
     once, and below ~200 positions that traffic, not the arithmetic, sets
@@ -409,8 +409,8 @@ def linear_cross_entropy(
       logit_softcap: ``c`` replaces the logits with ``c · tanh(z / c)`` first.
       reduction: ``"mean"`` (÷ the targets' total weight), ``"sum"`` or
         ``"none"`` (per position, 0 where not counted).
-      chunk_size: positions per chunk; ``None`` takes ``min(2**24 / V, N / 32)``
-        (at most 64 MiB of float32 logits), at least 192 and at most ``N``.
+      chunk_size: positions per chunk; ``None`` takes ``min(2**25 / V, N / 32)``
+        (at most 128 MiB of float32 logits), at least 192 and at most ``N``.
         It changes speed and memory, not the result (beyond float rounding).
       vocab_axis_name: inside ``jax.shard_map``, the mesh axis along which
         ``kernel``, ``bias`` and ``class_weights`` are sharded (each shard
