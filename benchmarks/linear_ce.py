@@ -179,8 +179,11 @@ def main():
     )
     print(header)
     print("|" + "|".join("-" * (len(c)) for c in header.split("|")[1:-1]) + "|")
+    loads = []
     for size in sizes:
+        load_before = os.getloadavg()[0]
         results = measure(size, rounds)
+        loads.append(f"{', '.join(map(str, size))}: {load_before:.1f} -> {os.getloadavg()[0]:.1f}")
         for name in NAMES:
             r = results[name]
             temp = "—" if r["temp"] is None else f"{r['temp']:.0f}"
@@ -192,6 +195,8 @@ def main():
                 flush=True,
             )
         release_free_memory()
+    # This process alone keeps about 2 busy; more means other work shared the CPU.
+    print("1-minute load average before -> after each size: " + "; ".join(loads))
 
 
 if __name__ == "__main__":
