@@ -94,25 +94,25 @@ def check_option(value: Any, name: str, valid: Sequence[str]) -> str:
     return value
 
 
-def check_fraction(value: Any, name: str) -> float:
+def _static_float(value: Any, name: str, expected: str) -> float:
+    """``value`` as a Python float: options are static, never traced."""
     if isinstance(value, jax.core.Tracer):
-        raise TypeError(f"{name} must be a static Python float, got a traced value")
+        raise TypeError(f"{name} must be a static Python float ({expected}), got a traced value")
     try:
-        v = float(value)
+        return float(value)
     except (TypeError, ValueError):
-        raise TypeError(f"{name} must be a float in [0, 1], got {value!r}") from None
+        raise TypeError(f"{name} must be {expected}, got {value!r}") from None
+
+
+def check_fraction(value: Any, name: str) -> float:
+    v = _static_float(value, name, "a float in [0, 1]")
     if not 0.0 <= v <= 1.0:
         raise ValueError(f"{name} must be in [0, 1], got {value!r}")
     return v
 
 
 def check_nonnegative_float(value: Any, name: str) -> float:
-    if isinstance(value, jax.core.Tracer):
-        raise TypeError(f"{name} must be a static Python float, got a traced value")
-    try:
-        v = float(value)
-    except (TypeError, ValueError):
-        raise TypeError(f"{name} must be a non-negative float, got {value!r}") from None
+    v = _static_float(value, name, "a non-negative float")
     if not (v >= 0.0) or math.isinf(v):
         raise ValueError(f"{name} must be a finite float >= 0, got {value!r}")
     return v
@@ -121,12 +121,7 @@ def check_nonnegative_float(value: Any, name: str) -> float:
 def check_softcap(value: Any) -> float | None:
     if value is None:
         return None
-    if isinstance(value, jax.core.Tracer):
-        raise TypeError("logit_softcap must be None or a static Python float > 0")
-    try:
-        v = float(value)
-    except (TypeError, ValueError):
-        raise TypeError(f"logit_softcap must be None or a float > 0, got {value!r}") from None
+    v = _static_float(value, "logit_softcap", "None or a float > 0")
     if not (v > 0.0) or math.isinf(v):
         raise ValueError(f"logit_softcap must be None or a finite float > 0, got {value!r}")
     return v

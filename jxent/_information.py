@@ -59,8 +59,13 @@ def _xlogy(x: jax.Array, y: jax.Array) -> jax.Array:
     return jnp.where(use_log, x * jnp.log(safe_y), 0)
 
 
-def _prepare(p, q, where, axis: int | None, names=("p", "q")):
-    """Float arrays of one common (broadcast) shape, masked entries neutralised."""
+def _prepare(p, q, where, axis: int | None, names=("p", "q"), q_fill: float = 1.0):
+    """Float arrays of one common (broadcast) shape, masked entries neutralised.
+
+    Dropped entries become ``p = 0`` (and ``q = q_fill``) before any arithmetic
+    -- the double ``where`` -- and only then are the probabilities checked for
+    negative values (eager calls only), so dropped entries may hold anything.
+    """
     p = jnp.asarray(p)
     arrays = [p] if q is None else [p, jnp.asarray(q)]
     dtype = float_dtype(*(a.dtype for a in arrays))
@@ -77,7 +82,12 @@ def _prepare(p, q, where, axis: int | None, names=("p", "q")):
             )
         axis = check_axis(axis, len(shape), arg=names[0])
     mask = check_where(where, shape, "where", names[0])
-    return arrays, mask, axis
+    if mask is not None:
+        fills = (0.0, q_fill)
+        arrays = [jnp.where(mask, a, fill) for a, fill in zip(arrays, fills, strict=False)]
+    for a, name in zip(arrays, names, strict=False):
+        check_nonnegative(a, name)
+    return arrays, axis
 
 
 def information_content(
@@ -134,10 +144,7 @@ def entropy(
       0.0
     """
     log_base = check_base(base)
-    (p,), mask, axis = _prepare(p, None, where, axis, names=("p",))
-    if mask is not None:
-        p = jnp.where(mask, p, 0)
-    check_nonnegative(p, "p")  # after masking: dropped entries may hold anything
+    (p,), axis = _prepare(p, None, where, axis, names=("p",))
     return to_base(-jnp.sum(_xlogy(p, p), axis=axis), log_base)
 
 
@@ -172,12 +179,7 @@ def cross_entropy(
       0.693
     """
     log_base = check_base(base)
-    (p, q), mask, axis = _prepare(p, q, where, axis)
-    if mask is not None:
-        p = jnp.where(mask, p, 0)
-        q = jnp.where(mask, q, 1)
-    check_nonnegative(p, "p")
-    check_nonnegative(q, "q")
+    (p, q), axis = _prepare(p, q, where, axis)
     return to_base(-jnp.sum(_xlogy(p, q), axis=axis), log_base)
 
 
@@ -214,12 +216,7 @@ def kl_divergence(
       0.3681
     """
     log_base = check_base(base)
-    (p, q), mask, axis = _prepare(p, q, where, axis)
-    if mask is not None:
-        p = jnp.where(mask, p, 0)
-        q = jnp.where(mask, q, 1)
-    check_nonnegative(p, "p")
-    check_nonnegative(q, "q")
+    (p, q), axis = _prepare(p, q, where, axis)
     return to_base(jnp.sum(_xlogy(p, p) - _xlogy(p, q), axis=axis), log_base)
 
 
@@ -252,12 +249,7 @@ def js_divergence(
       1.0
     """
     log_base = check_base(base)
-    (p, q), mask, axis = _prepare(p, q, where, axis)
-    if mask is not None:
-        p = jnp.where(mask, p, 0)
-        q = jnp.where(mask, q, 0)
-    check_nonnegative(p, "p")
-    check_nonnegative(q, "q")
+    (p, q), axis = _prepare(p, q, where, axis, q_fill=0.0)
     m = 0.5 * (p + q)
     terms = 0.5 * (_xlogy(p, p) - _xlogy(p, m) + _xlogy(q, q) - _xlogy(q, m))
     return to_base(jnp.sum(terms, axis=axis), log_base)
