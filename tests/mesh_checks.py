@@ -393,6 +393,34 @@ LM_OPTIONS = {
 }
 
 
+def data_model_loss(mesh, options):
+    """The global token mean on a ``data`` × ``model`` mesh, written per device.
+
+    ``(h, kernel, bias, weights, tokens, mask) -> loss``: the batch is sharded
+    over ``data`` and the vocabulary over ``model``; ``nll_stats`` combines the
+    vocabulary shards and a ``psum`` of the stats over ``data`` makes the mean
+    exact.
+    """
+
+    def local(h, kernel, bias, weights, tokens, mask):
+        stats = jxent.nll_stats(
+            head(h, kernel, bias),
+            tokens,
+            where=mask,
+            class_weights=weights,
+            vocab_axis_name="model",
+            **options,
+        )
+        return jax.lax.psum(stats, "data").mean()
+
+    return jax.shard_map(
+        local,
+        mesh=mesh,
+        in_specs=(P("data"), P(None, "model"), P("model"), P("model"), P("data"), P("data")),
+        out_specs=P(),
+    )
+
+
 def lm_reference(inputs, options, use_weights):
     """The global token mean on one device, and its gradients wrt (hidden, kernel, bias)."""
 
@@ -499,23 +527,7 @@ def two_axis_mesh():
     for opt_name, (options, use_weights) in LM_OPTIONS.items():
         want = lm_reference(inputs, options, use_weights)
 
-        def local(h, kernel, bias, weights, tokens, mask, options=options):
-            stats = jxent.nll_stats(
-                head(h, kernel, bias),
-                tokens,
-                where=mask,
-                class_weights=weights,
-                vocab_axis_name="model",
-                **options,
-            )
-            return jax.lax.psum(stats, "data").mean()
-
-        loss = jax.shard_map(
-            local,
-            mesh=mesh,
-            in_specs=(P("data"), P(None, "model"), P("model"), P("model"), P("data"), P("data")),
-            out_specs=P(),
-        )
+        loss = data_model_loss(mesh, options)
         weights = inputs["weights"] if use_weights else None
         rest = (weights, inputs["tokens"], inputs["mask"])
         with case(f"2x4 mesh, nll_stats + psum, {opt_name}"):
@@ -566,23 +578,7 @@ def explicit_axes_mesh():
     h = place(inputs["hidden"], "data")
     kernel, bias = place(inputs["kernel"], None, "model"), place(inputs["bias"], "model")
 
-    def local(h, kernel, bias, weights, tokens, mask):
-        stats = jxent.nll_stats(
-            head(h, kernel, bias),
-            tokens,
-            where=mask,
-            class_weights=weights,
-            vocab_axis_name="model",
-            **options,
-        )
-        return jax.lax.psum(stats, "data").mean()
-
-    loss = jax.shard_map(
-        local,
-        mesh=mesh,
-        in_specs=(P("data"), P(None, "model"), P("model"), P("model"), P("data"), P("data")),
-        out_specs=P(),
-    )
+    loss = data_model_loss(mesh, options)
     with case("Explicit 2x4 mesh, shard_map + vocab_axis_name, all options"):
         objective = lambda h, k, b: loss(h, k, b, weights, tokens, mask)
         close(jax.jit(jax.value_and_grad(objective, (0, 1, 2)))(h, kernel, bias), want)
