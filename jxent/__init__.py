@@ -31,3 +31,17 @@ __all__ = [
     "sequence_nll",
     "softmax_cross_entropy",
 ]
+
+
+def __getattr__(name: str):
+    # `jxent.toy` without `from jxent import toy`, imported on first access:
+    # it pulls in optax, which `import jxent` should not pay for.
+    if name == "toy":
+        import importlib
+
+        return importlib.import_module(".toy", __name__)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | {"toy"})

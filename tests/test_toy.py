@@ -10,6 +10,8 @@ probabilities.
 
 import functools
 import math
+import subprocess
+import sys
 
 import chex
 import jax
@@ -294,3 +296,24 @@ def test_generate_follows_the_trained_model(trained):
                 assert nxt == toy.PAD
             else:  # the trained model puts ~0 probability on unseen transitions
                 assert counts[prev, nxt] > 0
+
+
+def test_toy_is_reachable_from_import_jxent_and_imported_lazily():
+    """``jxent.toy`` works after ``import jxent``, which does not import it (nor optax)."""
+    code = (
+        "import sys, jxent\n"
+        "assert 'jxent.toy' not in sys.modules\n"
+        "assert 'optax' not in sys.modules\n"
+        "assert 'toy' in dir(jxent)\n"
+        "assert jxent.toy.VOCAB[0] == '<pad>', jxent.toy.VOCAB\n"
+        "assert jxent.toy is sys.modules['jxent.toy']\n"
+        "try:\n"
+        "    jxent.not_a_name\n"
+        "except AttributeError as error:\n"
+        "    assert 'not_a_name' in str(error), error\n"
+        "else:\n"
+        "    raise AssertionError('no AttributeError')\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          timeout=120, check=False)
+    assert proc.returncode == 0, proc.stderr
