@@ -54,12 +54,14 @@ def make_batch(seed: int = 0):
 
 def one_device(hidden, kernel, tokens, mask):
     """The reference: single-device code, global token mean over the whole batch."""
-    return jxent.sequence_nll(hidden @ kernel, tokens, where=mask)
+    return jxent.sequence_nll(hidden @ kernel, tokens, where=mask, shift=True)
 
 
 def vocab_parallel_stats(hidden, kernel, tokens, mask):
     """Per device: logits [B/2, T, V/4]; NLLStats psummed over `data`."""
-    stats = jxent.nll_stats(hidden @ kernel, tokens, where=mask, vocab_axis_name="model")
+    stats = jxent.nll_stats(
+        hidden @ kernel, tokens, where=mask, vocab_axis_name="model", shift=True
+    )
     return jax.lax.psum(stats, "data").mean()  # sums, then one division: exact
 
 

@@ -104,15 +104,52 @@ def _static_float(value: Any, name: str, expected: str) -> float:
         raise TypeError(f"{name} must be {expected}, got {value!r}") from None
 
 
-def check_fraction(value: Any, name: str) -> float:
-    v = _static_float(value, name, "a float in [0, 1]")
+def _float_or_traced(value: Any, name: str, expected: str):
+    """A Python float, or a traced real scalar (a schedule under ``jit``).
+
+    Concrete values (Python numbers, NumPy scalars, concrete 0-d arrays) come
+    back as Python floats, so the common path stays static and specialised;
+    a tracer comes back as a float32/float64 scalar array, and its range can
+    only be checked by the caller when it is concrete.
+    """
+    if isinstance(value, jax.core.Tracer):
+        if value.shape != () or not (
+            jnp.issubdtype(value.dtype, jnp.floating) or jnp.issubdtype(value.dtype, jnp.integer)
+        ):
+            raise TypeError(
+                f"{name} must be {expected}: a Python float or a real scalar, got a traced "
+                f"array of shape {value.shape} and dtype {value.dtype}"
+            )
+        return value.astype(float_dtype(value.dtype))
+    return _static_float(value, name, expected)
+
+
+def is_static_zero(value: Any) -> bool:
+    """True for a Python float equal to 0 (a traced value may be anything)."""
+    return isinstance(value, float) and value == 0.0
+
+
+def check_fraction(value: Any, name: str, *, traced: bool = False):
+    """A float in ``[0, 1]``; with ``traced=True`` a traced scalar is accepted as it is."""
+    if traced:
+        v = _float_or_traced(value, name, "a float in [0, 1]")
+        if not isinstance(v, float):
+            return v
+    else:
+        v = _static_float(value, name, "a float in [0, 1]")
     if not 0.0 <= v <= 1.0:
         raise ValueError(f"{name} must be in [0, 1], got {value!r}")
     return v
 
 
-def check_nonnegative_float(value: Any, name: str) -> float:
-    v = _static_float(value, name, "a non-negative float")
+def check_nonnegative_float(value: Any, name: str, *, traced: bool = False):
+    """A finite float ``>= 0``; with ``traced=True`` a traced scalar is accepted as it is."""
+    if traced:
+        v = _float_or_traced(value, name, "a non-negative float")
+        if not isinstance(v, float):
+            return v
+    else:
+        v = _static_float(value, name, "a non-negative float")
     if not (v >= 0.0) or math.isinf(v):
         raise ValueError(f"{name} must be a finite float >= 0, got {value!r}")
     return v
@@ -125,6 +162,63 @@ def check_softcap(value: Any) -> float | None:
     if not (v > 0.0) or math.isinf(v):
         raise ValueError(f"logit_softcap must be None or a finite float > 0, got {value!r}")
     return v
+
+
+def static_int(value: Any, name: str, *, allow_none: bool = True) -> int | None:
+    """An integer option (``ignore_index``, ``chunk_size``) as a Python int.
+
+    NumPy integer scalars and concrete 0-d integer arrays are accepted like
+    Python ints. A traced value cannot decide the program's structure: the
+    error says how to make it static.
+    """
+    if value is None and allow_none:
+        return None
+    what = "an int or None" if allow_none else "an int"
+    if isinstance(value, jax.core.Tracer):
+        raise TypeError(
+            f"{name} must be a static Python int, got a traced value ({value.aval}): under "
+            f"jax.jit mark it static, jax.jit(f, static_argnames=({name!r},)), or close over "
+            "a Python int instead of passing it as a jitted argument"
+        )
+    if isinstance(value, (bool, np.bool_)):
+        raise TypeError(f"{name} must be {what}, got {value!r}")
+    if isinstance(value, (int, np.integer)):
+        return int(value)
+    if isinstance(value, (np.ndarray, jax.Array)) and value.shape == () and jnp.issubdtype(
+        value.dtype, jnp.integer
+    ):
+        return int(value)
+    raise TypeError(f"{name} must be {what}, got {value!r}")
+
+
+def as_integer_ids(x: Any, name: str) -> jax.Array:
+    """``x`` as a JAX array, refusing integers that the conversion would wrap.
+
+    Without ``jax_enable_x64`` JAX stores integers as int32: an int64 NumPy
+    array holding ``2**32 + 3`` would silently become class 3. Such values are
+    caught here, before the conversion, with the value and its position.
+    """
+    if isinstance(x, jax.Array):
+        return x
+    arr = np.asarray(x)
+    if (
+        not jax.config.jax_enable_x64
+        and arr.size
+        and np.issubdtype(arr.dtype, np.integer)
+        and arr.dtype.itemsize > 4
+    ):
+        info = np.iinfo(np.int32)
+        bad = (arr > info.max) | (arr < info.min)
+        if bad.any():
+            where = tuple(int(i) for i in np.argwhere(bad)[0]) if arr.ndim else ()
+            value = int(arr[where] if arr.ndim else arr)
+            raise ValueError(
+                f"{name} holds {value} at position {where}, outside the int32 range JAX "
+                f"uses while jax_enable_x64 is off: it would silently wrap to "
+                f"{int(np.int64(value).astype(np.int32))}. Class ids must be small "
+                f"non-negative integers ({int(bad.sum())} such value(s) in all)"
+            )
+    return jnp.asarray(arr)
 
 
 def check_broadcastable(a_shape, b_shape, a_name: str, b_name: str) -> tuple[int, ...]:
@@ -159,14 +253,15 @@ def check_where(where: Any, shape: tuple[int, ...], name: str, against: str) -> 
     return jnp.broadcast_to(where, shape)
 
 
-def check_nonnegative(x: jax.Array, name: str) -> None:
-    """Eager-only check that probabilities are not negative."""
+def check_probabilities(x: jax.Array, name: str) -> None:
+    """Eager-only check that probabilities lie in ``[0, 1]`` (NaN is let through)."""
     if is_concrete(x):
         arr = np.asarray(x)
-        if arr.size and np.any(arr < 0):
-            bad = arr[arr < 0].ravel()[0]
+        bad = (arr < 0) | (arr > 1)
+        if arr.size and np.any(bad):
+            value = arr[bad].ravel()[0]
             raise ValueError(
-                f"{name} must hold probabilities >= 0, but it contains {bad!r}; "
+                f"{name} must hold probabilities in [0, 1], but it contains {value!r}; "
                 "inputs are not renormalised or clipped"
             )
 

@@ -28,7 +28,7 @@ from ._checks import (
     check_axis,
     check_base,
     check_broadcastable,
-    check_nonnegative,
+    check_probabilities,
     check_where,
     float_dtype,
     to_base,
@@ -43,6 +43,25 @@ __all__ = [
     "entropy_from_logits",
     "kl_divergence_from_logits",
 ]
+
+
+@jax.custom_jvp
+def _nonnegative(x: jax.Array) -> jax.Array:
+    """``x`` with negative values and ``-0.0`` replaced by ``+0.0``; the tangent passes through.
+
+    Entropies and divergences are ``>= 0``, but float32 rounding gives
+    ``-2e-7`` for near-equal distributions and ``-0.0`` for degenerate ones.
+    Only the value is clamped: the derivative is that of the formula (a clamp
+    in the gradient would zero it exactly where a divergence is minimised).
+    NaN stays NaN. A ``custom_jvp``, so forward and reverse mode both work.
+    """
+    return jnp.where((x < 0) | (x == 0), jnp.zeros_like(x), x)
+
+
+@_nonnegative.defjvp
+def _nonnegative_jvp(primals, tangents):
+    (x,), (dx,) = primals, tangents
+    return _nonnegative(x), dx
 
 
 def _xlogy(x: jax.Array, y: jax.Array) -> jax.Array:
@@ -86,7 +105,7 @@ def _prepare(p, q, where, axis: int | None, names=("p", "q"), q_fill: float = 1.
         fills = (0.0, q_fill)
         arrays = [jnp.where(mask, a, fill) for a, fill in zip(arrays, fills, strict=False)]
     for a, name in zip(arrays, names, strict=False):
-        check_nonnegative(a, name)
+        check_probabilities(a, name)
     return arrays, axis
 
 
@@ -111,7 +130,7 @@ def information_content(
     """
     log_base = check_base(base)
     p = as_float_array(p, "p")
-    check_nonnegative(p, "p")
+    check_probabilities(p, "p")
     return to_base(-jnp.log(p), log_base)
 
 
@@ -145,7 +164,7 @@ def entropy(
     """
     log_base = check_base(base)
     (p,), axis = _prepare(p, None, where, axis, names=("p",))
-    return to_base(-jnp.sum(_xlogy(p, p), axis=axis), log_base)
+    return to_base(_nonnegative(-jnp.sum(_xlogy(p, p), axis=axis)), log_base)
 
 
 def cross_entropy(
@@ -217,7 +236,7 @@ def kl_divergence(
     """
     log_base = check_base(base)
     (p, q), axis = _prepare(p, q, where, axis)
-    return to_base(jnp.sum(_xlogy(p, p) - _xlogy(p, q), axis=axis), log_base)
+    return to_base(_nonnegative(jnp.sum(_xlogy(p, p) - _xlogy(p, q), axis=axis)), log_base)
 
 
 def js_divergence(
@@ -252,7 +271,7 @@ def js_divergence(
     (p, q), axis = _prepare(p, q, where, axis, q_fill=0.0)
     m = 0.5 * (p + q)
     terms = 0.5 * (_xlogy(p, p) - _xlogy(p, m) + _xlogy(q, q) - _xlogy(q, m))
-    return to_base(jnp.sum(terms, axis=axis), log_base)
+    return to_base(_nonnegative(jnp.sum(terms, axis=axis)), log_base)
 
 
 def _masked_log_softmax(logits: jax.Array, mask: jax.Array | None, axis: int):
@@ -322,7 +341,7 @@ def entropy_from_logits(
     mask = check_where(where, logits.shape, "where", "logits")
     log_p, p, usable = _masked_log_softmax(logits, mask, axis)
     safe_log_p = jnp.where(usable, log_p, 0)
-    return to_base(-jnp.sum(p * safe_log_p, axis=axis), log_base)
+    return to_base(_nonnegative(-jnp.sum(p * safe_log_p, axis=axis)), log_base)
 
 
 def kl_divergence_from_logits(
@@ -337,8 +356,11 @@ def kl_divergence_from_logits(
 
     ``Σ_c p_c (log p_c − log q_c)`` with both log-softmaxes taken stably: the
     distillation loss (teacher ``p``, student ``q``). ``-inf`` teacher logits
-    are zero-probability classes (no contribution); a ``-inf`` student logit
-    where the teacher has mass gives ``+inf``. ``where`` drops entries from
+    are zero-probability classes (no contribution), and so are teacher
+    classes whose probability underflows to 0 (a ``-1e9`` mask logit): the
+    value equals :func:`kl_divergence` on the probabilities, never NaN. A
+    ``-inf`` student logit where the teacher has mass gives ``+inf``; the
+    gradient there is that of the finite classes (finite, never NaN). ``where`` drops entries from
     both softmaxes, as slicing would.
 
     Args:
@@ -370,8 +392,18 @@ def kl_divergence_from_logits(
     axis = check_axis(axis, len(shape), arg="p_logits")
     mask = check_where(where, shape, "where", "p_logits")
     log_p, p, p_usable = _masked_log_softmax(p_logits, mask, axis)
-    log_q, _, _ = _masked_log_softmax(q_logits, mask, axis)
-    # p_c > 0 only where p_usable; there log q may be -inf (a real +inf KL).
-    safe_log_p = jnp.where(p_usable, log_p, 0)
-    safe_log_q = jnp.where(p_usable, log_q, 0)
-    return to_base(jnp.sum(p * (safe_log_p - safe_log_q), axis=axis), log_base)
+    log_q, _, q_usable = _masked_log_softmax(q_logits, mask, axis)
+    # A class contributes p_c (log p_c − log q_c) only where p_c > 0 (an
+    # underflowed p_c = 0, e.g. at a -1e9 mask logit, is 0 · anything = 0).
+    # Where q_c = 0 < p_c the divergence is +inf: that part is a constant
+    # added to the finite part, so the value is +inf while the gradient is
+    # the finite part's (never NaN: inf − inf would arise in the softmax's
+    # Jacobian otherwise).
+    has_mass = p_usable & (p > 0)
+    finite = has_mass & q_usable
+    terms = jnp.where(finite, p * (jnp.where(finite, log_p, 0) - jnp.where(finite, log_q, 0)), 0)
+    infinite = jnp.any(has_mass & ~q_usable, axis=axis)
+    kl = _nonnegative(jnp.sum(terms, axis=axis)) + jnp.where(infinite, jnp.inf, 0.0).astype(
+        terms.dtype
+    )
+    return to_base(kl, log_base)

@@ -5,10 +5,12 @@ from __future__ import annotations
 import math
 from typing import NamedTuple
 
+import jax
 import jax.numpy as jnp
+import numpy as np
 from jaxtyping import Array, ArrayLike, Bool, Float, Int
 
-from ._checks import NORMALIZATIONS, check_option
+from ._checks import NORMALIZATIONS, as_integer_ids, check_option
 from ._reduce import normalize_sequences, safe_divide
 from ._softmax import per_position_losses
 
@@ -59,12 +61,45 @@ def perplexity(mean_nll: Float[ArrayLike, "*shape"]) -> Float[Array, "*shape"]:
     return jnp.exp(jnp.asarray(mean_nll))
 
 
-def _aligned(logits, tokens, where, shift: bool):
-    """Logits, targets and mask aligned position by position."""
-    logits = jnp.asarray(logits)
-    tokens = jnp.asarray(tokens)
-    if not isinstance(shift, bool):
+class _Required:
+    """The default of ``shift``: there is none, and leaving it out says what to pass."""
+
+    def __repr__(self) -> str:
+        return "<required>"
+
+
+REQUIRED = _Required()
+
+
+def check_shift(shift, function: str) -> bool:
+    """``shift`` must be given: a default would silently shift already-sliced logits twice."""
+    if shift is REQUIRED:
+        raise TypeError(
+            f"{function}() needs shift: pass shift=True for causal LM logits (logits[..., t, :] "
+            "predicts tokens[..., t + 1]) or shift=False for logits already aligned with "
+            "their targets (e.g. after logits[:, :-1] and tokens[:, 1:])"
+        )
+    if not isinstance(shift, (bool, np.bool_)):
         raise TypeError(f"shift must be True or False, got {shift!r}")
+    return bool(shift)
+
+
+def check_tokens(tokens, function: str) -> jax.Array:
+    """Token ids: an integer array (floating ids are a mistake, not probabilities)."""
+    tokens = as_integer_ids(tokens, "tokens")
+    if not jnp.issubdtype(tokens.dtype, jnp.integer):
+        raise TypeError(
+            f"{function}: tokens must be integer token ids, got dtype {tokens.dtype} with "
+            f"shape {tokens.shape}; convert them with tokens.astype(jnp.int32)"
+        )
+    return tokens
+
+
+def _aligned(logits, tokens, where, shift, function: str):
+    """Logits, targets and mask aligned position by position."""
+    shift = check_shift(shift, function)
+    logits = jnp.asarray(logits)
+    tokens = check_tokens(tokens, function)
     if logits.ndim < 2:
         raise ValueError(
             f"logits must have shape [..., T, V] (at least 2 dimensions), got {logits.shape}"
@@ -82,10 +117,7 @@ def _aligned(logits, tokens, where, shift: bool):
                 "the loss mask marks token positions [..., T]"
             )
     if shift:
-        if logits.shape[-2] < 2:
-            raise ValueError(
-                f"shift=True needs at least 2 positions to predict, got T={logits.shape[-2]}"
-            )
+        # T = 1 leaves no target: an empty result (0, zero gradient), as for N = 0.
         logits = logits[..., :-1, :]
         tokens = tokens[..., 1:]
         if where is not None:
@@ -93,8 +125,8 @@ def _aligned(logits, tokens, where, shift: bool):
     return logits, tokens, where
 
 
-def _token_losses(logits, tokens, shift, where, **options):
-    logits, tokens, where = _aligned(logits, tokens, where, shift)
+def _token_losses(function, logits, tokens, shift, where, **options):
+    logits, tokens, where = _aligned(logits, tokens, where, shift, function)
     return per_position_losses(logits, tokens, axis=-1, where=where, **options)
 
 
@@ -102,7 +134,7 @@ def nll_stats(
     logits: Float[ArrayLike, "*batch T V"],
     tokens: Int[ArrayLike, "*batch T"],
     *,
-    shift: bool = True,
+    shift: bool = REQUIRED,
     where: Bool[ArrayLike, "*batch T"] | None = None,
     ignore_index: int | None = -100,
     label_smoothing: float = 0.0,
@@ -122,11 +154,12 @@ def nll_stats(
     Examples:
       >>> import jax.numpy as jnp, jxent
       >>> logits = jnp.zeros((1, 3, 4))            # uniform over 4 tokens
-      >>> stats = jxent.nll_stats(logits, jnp.array([[0, 1, 2]]))
+      >>> stats = jxent.nll_stats(logits, jnp.array([[0, 1, 2]]), shift=True)
       >>> float(stats.count), round(float(stats.perplexity()), 4)
       (2.0, 4.0)
     """
     loss, weight = _token_losses(
+        "nll_stats",
         logits,
         tokens,
         shift,
@@ -145,7 +178,7 @@ def sequence_nll(
     logits: Float[ArrayLike, "*batch T V"],
     tokens: Int[ArrayLike, "*batch T"],
     *,
-    shift: bool = True,
+    shift: bool = REQUIRED,
     where: Bool[ArrayLike, "*batch T"] | None = None,
     ignore_index: int | None = -100,
     normalize: str = "tokens",
@@ -189,11 +222,13 @@ def sequence_nll(
     Examples:
       >>> import jax.numpy as jnp, jxent
       >>> logits = jnp.log(jnp.array([[[0.5, 0.5], [0.9, 0.1], [0.5, 0.5]]]))
-      >>> round(float(jxent.sequence_nll(logits, jnp.array([[1, 1, 0]]), normalize="sum")), 4)
+      >>> tokens = jnp.array([[1, 1, 0]])
+      >>> round(float(jxent.sequence_nll(logits, tokens, shift=True, normalize="sum")), 4)
       0.7985
     """
     check_option(normalize, "normalize", NORMALIZATIONS)
     loss, weight = _token_losses(
+        "sequence_nll",
         logits,
         tokens,
         shift,

@@ -12,6 +12,7 @@ from jaxtyping import Array, ArrayLike, Bool, Float, Int
 
 from ._checks import (
     REDUCTIONS,
+    as_integer_ids,
     check_axis,
     check_class_weights,
     check_fraction,
@@ -22,6 +23,8 @@ from ._checks import (
     check_targets_in_range,
     float_dtype,
     integer_targets_info,
+    is_static_zero,
+    static_int,
 )
 from ._reduce import reduce_losses
 
@@ -157,6 +160,75 @@ def _class_weight_vector(class_weights, dtype, axis: int, ndim: int):
     return jnp.reshape(w, tuple(-1 if d == axis else 1 for d in range(ndim)))
 
 
+def parse_loss_options(
+    *,
+    ignore_index,
+    label_smoothing,
+    z_loss,
+    logit_softcap,
+):
+    """Validate the options shared by every cross-entropy (dense and fused), once.
+
+    ``ignore_index`` and ``logit_softcap`` must be static Python values (the
+    error for a traced ``ignore_index`` says how to make it static);
+    ``label_smoothing`` and ``z_loss`` may also be traced scalars (schedules
+    under ``jit``, checked for range when concrete). Python floats stay Python
+    floats, so the common path is specialised at trace time.
+    """
+    return dict(
+        ignore_index=static_int(ignore_index, "ignore_index"),
+        label_smoothing=check_fraction(label_smoothing, "label_smoothing", traced=True),
+        z_loss=check_nonnegative_float(z_loss, "z_loss", traced=True),
+        logit_softcap=check_softcap(logit_softcap),
+    )
+
+
+def _check_class_axis(logits, axis: int) -> None:
+    if logits.shape[axis] == 0:
+        raise ValueError(
+            f"logits has shape {logits.shape}: 0 classes along axis={axis}; a distribution "
+            "needs at least one class"
+        )
+
+
+def _target_shape_error(targets, logits, axis: int, position_shape) -> Exception:
+    """The most useful message for targets whose shape or dtype does not fit the logits."""
+    shown_axis = axis - logits.ndim if axis == logits.ndim - 1 else axis
+    integer = jnp.issubdtype(targets.dtype, jnp.integer)
+    if integer and targets.shape == logits.shape:
+        return ValueError(
+            f"targets is an integer array ({targets.dtype}) with the logits' shape "
+            f"{logits.shape}: probabilities (e.g. one-hot) need a floating dtype "
+            f"(targets.astype(jnp.float32)); class ids have shape {position_shape} "
+            f"(jnp.argmax(targets, axis={shown_axis}))"
+        )
+    if integer and logits.ndim >= 3 and axis == logits.ndim - 1:
+        torch_positions = logits.shape[:1] + logits.shape[2:]
+        if targets.shape == torch_positions:
+            return ValueError(
+                f"targets has shape {targets.shape} and logits {logits.shape}: this is "
+                "PyTorch's [N, C, d1, ...] layout with the classes on axis 1; pass axis=1 "
+                f"(with axis=-1 the targets would need shape {position_shape})"
+            )
+    if not integer and targets.shape == position_shape:
+        return TypeError(
+            f"targets has floating dtype {targets.dtype} and shape {targets.shape}, the "
+            "shape of class ids: class ids must be integers (targets.astype(jnp.int32)); "
+            f"probability targets would have the logits' shape {logits.shape}"
+        )
+    if integer:
+        return ValueError(
+            f"targets has shape {targets.shape} but logits {logits.shape} with "
+            f"axis={shown_axis} expects {position_shape} (integer class indices), or "
+            f"{logits.shape} (probabilities, floating dtype)"
+        )
+    return ValueError(
+        f"targets has shape {targets.shape} but probability targets must have "
+        f"the logits' shape {logits.shape}; integer class indices would have "
+        f"shape {position_shape}"
+    )
+
+
 def per_position_losses(
     logits,
     targets,
@@ -165,31 +237,56 @@ def per_position_losses(
     where=None,
     ignore_index: int | None = -100,
     class_weights=None,
-    label_smoothing: float = 0.0,
-    z_loss: float = 0.0,
+    label_smoothing=0.0,
+    z_loss=0.0,
     logit_softcap: float | None = None,
     vocab_axis_name: str | None = None,
 ):
     """The heart of every cross-entropy in jxent: ``(loss, weight)`` per position.
 
     ``loss`` is 0 and ``weight`` 0 wherever a position is not counted; see
-    ``jxent._reduce`` for what is done with them. Validation happens here.
+    ``jxent._reduce`` for what is done with them. Validation happens here
+    (options through :func:`parse_loss_options`, which the fused path shares).
+
+    Numerics: every quantity stays shifted by the per-position maximum
+    ``top``: ``−log p_c = (top − x_c) + log Σ exp(x − top)``, as PyTorch and
+    optax do. Adding ``top`` back first (``lse − x_c``) cancels digits when
+    the logits are large (``1e4``) and close to each other.
     """
+    options = parse_loss_options(
+        ignore_index=ignore_index,
+        label_smoothing=label_smoothing,
+        z_loss=z_loss,
+        logit_softcap=logit_softcap,
+    )
     logits = jnp.asarray(logits)
-    targets = jnp.asarray(targets)
+    targets = as_integer_ids(targets, "targets")
     if not jnp.issubdtype(logits.dtype, jnp.floating):
         raise TypeError(f"logits must be a floating-point array, got dtype {logits.dtype}")
     if logits.ndim == 0:
         raise ValueError("logits is a scalar; it needs a class axis")
     axis = check_axis(axis, logits.ndim)
-    label_smoothing = check_fraction(label_smoothing, "label_smoothing")
-    z_loss = check_nonnegative_float(z_loss, "z_loss")
-    logit_softcap = check_softcap(logit_softcap)
-    if ignore_index is not None and (
-        isinstance(ignore_index, bool) or not isinstance(ignore_index, int)
-    ):
-        raise TypeError(f"ignore_index must be an int or None, got {ignore_index!r}")
+    _check_class_axis(logits, axis)
+    return _losses(
+        logits, targets, axis=axis, where=where, class_weights=class_weights,
+        vocab_axis_name=vocab_axis_name, **options,
+    )
 
+
+def _losses(
+    logits,
+    targets,
+    *,
+    axis: int,
+    where,
+    ignore_index: int | None,
+    class_weights,
+    label_smoothing,
+    z_loss,
+    logit_softcap: float | None,
+    vocab_axis_name: str | None,
+):
+    """:func:`per_position_losses` on parsed options (the fused path's per-chunk function)."""
     dtype = float_dtype(logits.dtype)
     x = logits.astype(dtype)
     ops = ClassOps(axis, vocab_axis_name, logits.shape[axis])
@@ -201,16 +298,12 @@ def per_position_losses(
         "this shard of logits" if vocab_axis_name else "logits",
     )
     mask = check_loss_mask(where, position_shape)
+    smoothing = not is_static_zero(label_smoothing)
 
     if jnp.issubdtype(targets.dtype, jnp.integer):
         probability_targets = False
         if targets.shape != position_shape:
-            raise ValueError(
-                f"targets has shape {targets.shape} but logits {logits.shape} with "
-                f"axis={axis - logits.ndim if axis == logits.ndim - 1 else axis} expects "
-                f"{position_shape} (integer class indices), or {logits.shape} "
-                "(probabilities, floating dtype)"
-            )
+            raise _target_shape_error(targets, logits, axis, position_shape)
         index, ignored, in_range = integer_targets_info(targets, num_classes, ignore_index)
         counted = ~ignored if mask is None else mask & ~ignored
         if vocab_axis_name is None:
@@ -224,11 +317,7 @@ def per_position_losses(
                 f"(floating dtype {targets.dtype}); use where= to mask positions"
             )
         if targets.shape != logits.shape:
-            raise ValueError(
-                f"targets has shape {targets.shape} but probability targets must have "
-                f"the logits' shape {logits.shape}; integer class indices would have "
-                f"shape {position_shape}"
-            )
+            raise _target_shape_error(targets, logits, axis, position_shape)
         counted = jnp.ones(position_shape, bool) if mask is None else mask
     else:
         raise TypeError(
@@ -246,42 +335,54 @@ def per_position_losses(
         safe = logit_softcap * jnp.tanh(safe / logit_softcap)
         x = safe
     top = ops.max(x, keep)
-    lse = ops.logsumexp(safe, top)
+    top_vec = jnp.squeeze(top, axis)
+    # log Σ_c exp(x_c − top), in [0, log C]: everything below stays shifted.
+    log_sum = jnp.log(ops.sum(jnp.exp(safe - top)))
 
     if probability_targets:
         y = jnp.where(keep, targets.astype(dtype), 0)
-        if label_smoothing:
+        if smoothing:
             y = (1.0 - label_smoothing) * y + label_smoothing / num_classes
         if weights is not None:
             y = y * _class_weight_vector(weights, dtype, axis, x.ndim)
-        # Σ_c y_c (lse − x_c) with 0·(anything) = 0: a −inf logit with target 0 is 0.
-        nonzero = y != 0
-        neg_log_p = jnp.expand_dims(lse, axis) - jnp.where(nonzero, safe, 0)
-        loss = ops.sum(jnp.where(nonzero, y * neg_log_p, 0))
+        # Σ_c y_c (−log p_c). The one undefined product is 0 · (+inf) (target 0
+        # at a −inf logit): it is 0. Gating on exactly that keeps ∂/∂y (and
+        # ∂/∂class_weights) = −log p_c wherever −log p_c is finite, y = 0 included.
+        neg_log_p = (top - safe) + jnp.expand_dims(log_sum, axis)
+        defined = (y != 0) | (safe != -jnp.inf)
+        terms = jnp.where(defined, y * jnp.where(defined, neg_log_p, 0), 0)
+        loss = ops.sum(terms)
         weight = counted.astype(dtype)
     else:
-        target_logit = jnp.where(counted, ops.take(x, index, fill=jnp.nan), 0)
+        # (top − x_t) + log Σ exp(x − top): no cancellation at large logits.
+        target_logit = ops.take(x, index, fill=jnp.nan)
+        nll = jnp.where(counted, top_vec - target_logit, 0) + log_sum
         if weights is None:
-            loss = lse - target_logit
+            loss = nll
             weight = counted.astype(dtype)
         else:
             w_target = _take_weight(weights, index, ops, dtype)
-            loss = w_target * (lse - target_logit)
+            loss = w_target * nll
             weight = jnp.where(counted, w_target, 0)
-        if label_smoothing:
-            # Σ_c w_c (lse − x_c) = lse·Σ_c w_c − Σ_c w_c x_c, from one plain sum (or
-            # matrix-vector product) over the raw logits, sanitised per position.
+        if smoothing:
+            # Σ_c w_c (−log p_c) = log_sum · Σ_c w_c + Σ_c w_c (top − x_c): one
+            # reduction over the raw logits (shifted, so nothing cancels),
+            # sanitised per position afterwards.
+            shifted = top - x
             if weights is None:
-                total_w, weighted = float(num_classes), ops.sum(x)
+                total_w, gap = float(num_classes), ops.sum(shifted)
             else:
                 w = weights.astype(dtype)
-                total_w, weighted = ops.sum_classes(w), ops.dot(x, w, keep)
-            weighted = jnp.where(counted, weighted, 0)
-            smooth = (lse * total_w - weighted) / num_classes
+                total_w, gap = ops.sum_classes(w), ops.dot(shifted, w, keep)
+            gap = jnp.where(counted, gap, 0)
+            smooth = (log_sum * total_w + gap) / num_classes
             loss = (1.0 - label_smoothing) * loss + label_smoothing * smooth
+        # An out-of-range target under jit: NaN value (from the gather) and a
+        # NaN gradient too, so value_and_grad never trains on a dropped target.
+        loss = loss * jnp.where(counted & ~in_range, jnp.nan, 1.0).astype(dtype)
 
-    if z_loss:
-        loss = loss + z_loss * jnp.square(lse)
+    if not is_static_zero(z_loss):
+        loss = loss + z_loss * jnp.square(log_sum + top_vec)
     loss = jnp.where(counted, loss, 0)
     return loss, weight
 

@@ -305,7 +305,9 @@ def generate(params: Mapping[str, Array], key: Array, num: int, max_len: int = 1
 def lm_loss(params, corpus: Corpus, normalize: str = "tokens") -> Float[Array, ""]:
     """Causal LM loss: :func:`jxent.sequence_nll` with ``shift=True`` and the padding mask."""
     tokens = jnp.asarray(corpus.tokens)
-    return sequence_nll(apply(params, tokens), tokens, where=corpus.mask, normalize=normalize)
+    return sequence_nll(
+        apply(params, tokens), tokens, shift=True, where=corpus.mask, normalize=normalize
+    )
 
 
 def translation_loss(params, pairs: Pairs, normalize: str = "tokens") -> Float[Array, ""]:

@@ -410,6 +410,7 @@ def data_model_loss(mesh, options):
             class_weights=weights,
             vocab_axis_name="model",
             **options,
+            shift=True,
         )
         return jax.lax.psum(stats, "data").mean()
 
@@ -431,6 +432,7 @@ def lm_reference(inputs, options, use_weights):
             where=inputs["mask"],
             class_weights=inputs["weights"] if use_weights else None,
             **options,
+            shift=True,
         )
 
     return jax.jit(jax.value_and_grad(loss, (0, 1, 2)))(
@@ -458,7 +460,12 @@ def data_parallel_token_mean():
 
         def stats(kernel, bias, h, tokens, mask, options=options, weights=weights):
             return jxent.nll_stats(
-                head(h, kernel, bias), tokens, where=mask, class_weights=weights, **options
+                head(h, kernel, bias),
+                tokens,
+                where=mask,
+                class_weights=weights,
+                **options,
+                shift=True,
             )
 
         def global_mean(kernel, bias, h, tokens, mask, stats=stats):
@@ -549,6 +556,7 @@ def two_axis_mesh():
                     where=inputs["mask"],
                     class_weights=weights,
                     **options,
+                    shift=True,
                 )
 
             got = jax.jit(jax.value_and_grad(plain, (0, 1, 2)))(h, kernel, bias)
@@ -584,7 +592,7 @@ def explicit_axes_mesh():
         close(jax.jit(jax.value_and_grad(objective, (0, 1, 2)))(h, kernel, bias), want)
 
     with case("Explicit 2x4 mesh, plain jit of vocab-sharded logits: ShardingTypeError"):
-        plain = lambda h, k, b: jxent.sequence_nll(head(h, k, b), tokens, where=mask)
+        plain = lambda h, k, b: jxent.sequence_nll(head(h, k, b), tokens, where=mask, shift=True)
         try:
             with jax.set_mesh(mesh):
                 jax.jit(plain)(h, kernel, bias)
@@ -604,7 +612,7 @@ def explicit_axes_mesh():
 
     def plain(h, kernel, bias):
         return jxent.sequence_nll(
-            head(h, kernel, bias), tokens, where=mask, class_weights=weights, **options
+            head(h, kernel, bias), tokens, where=mask, class_weights=weights, **options, shift=True
         )
 
     with case("Explicit 8-device data mesh, plain jit, all options"):

@@ -8,7 +8,9 @@ checked against finite differences. Every call goes through ``jax.jit`` except
 the eager-only value checks.
 """
 
+import functools
 import math
+import re
 
 import chex
 import jax
@@ -611,13 +613,24 @@ def test_eager_negative_probabilities_raise(name):
     fn = getattr(jxent, name)
     good = jnp.array([0.5, 0.5])
     bad = jnp.array([1.5, -0.5])
-    with pytest.raises(ValueError, match=r"p must hold probabilities >= 0, but it contains"):
+    in_range = re.escape("must hold probabilities in [0, 1], but it contains")
+    with pytest.raises(ValueError, match="p " + in_range):
         fn(*(bad, good)[: ARITY[name]])
     if ARITY[name] == 2:
-        with pytest.raises(ValueError, match=r"q must hold probabilities >= 0"):
+        with pytest.raises(ValueError, match="q " + in_range):
             fn(good, bad)
-    with pytest.raises(ValueError, match=r"p must hold probabilities >= 0"):
+    with pytest.raises(ValueError, match="p " + in_range):
         jxent.information_content(-0.1)
+
+
+@pytest.mark.parametrize("value", [1.5, 1.0000001, -0.1])
+def test_eager_probabilities_above_one_raise(value):
+    """``information_content(1.5)`` was −0.405: above 1 is as wrong as below 0."""
+    with pytest.raises(ValueError, match=re.escape("probabilities in [0, 1], but it contains")):
+        jxent.information_content(np.float32(value))
+    with pytest.raises(ValueError, match=re.escape("p must hold probabilities in [0, 1]")):
+        jxent.entropy(np.float32([value, 0.5]))
+    assert float(jxent.information_content(1.0)) == 0.0
 
 
 @pytest.mark.parametrize("name", PROBABILITY_FUNCTIONS)
@@ -691,3 +704,77 @@ def test_float64_is_honoured_under_x64(rng):
         assert information_content(jnp.float64(0.5)).dtype == jnp.float64
         assert entropy(jnp.asarray(p)).dtype == jnp.float32  # float32 stays float32
     assert entropy(p).dtype == jnp.float32
+
+
+# --------------------------------------------------------------------------------------
+# Hardening (issue 10)
+
+
+def test_degenerate_entropies_are_plus_zero():
+    """``entropy([1, 0])`` showed ``-0.``: a certain outcome has entropy +0.0."""
+    f = jax.jit(
+        lambda p, x: (
+            jxent.entropy(p),
+            jxent.entropy_from_logits(x),
+            jxent.kl_divergence(p, p),
+            jxent.js_divergence(p, p),
+            jxent.kl_divergence_from_logits(x, x),
+        )
+    )
+    outs = f(jnp.array([1.0, 0.0]), jnp.array([3.0, -jnp.inf]))
+    for out in outs:
+        assert float(out) == 0.0 and not np.signbit(np.asarray(out)), outs
+
+
+def test_divergences_are_never_negative_in_float32(rng):
+    """Near-equal inputs gave KL ≈ −2e-7 in about half of random float32 trials."""
+    p = rng.dirichlet(np.ones(50), 2000).astype(np.float32)
+    q = (p * (1 + 1e-7 * rng.standard_normal(p.shape))).astype(np.float32)
+    x = rng.standard_normal((2000, 50)).astype(np.float32)
+    y = x + np.float32(1e-6) * rng.standard_normal(x.shape).astype(np.float32)
+    f = jax.jit(
+        lambda p, q, x, y: (
+            jxent.kl_divergence(p, q),
+            jxent.js_divergence(p, q),
+            jxent.kl_divergence_from_logits(x, y),
+            jxent.entropy(p),
+        )
+    )
+    for out in f(p, q, x, y):
+        assert np.all(np.asarray(out) >= 0) and not np.any(np.signbit(np.asarray(out)))
+
+
+def test_clamping_keeps_the_gradient_of_the_formula(rng):
+    """Only the value is clamped at 0: the derivative at p = q is the formula's."""
+    p = jnp.array([0.2, 0.3, 0.5])
+    got = jax.jit(jax.grad(jxent.kl_divergence, argnums=(0, 1)))(p, p)
+    close = functools.partial(np.testing.assert_allclose, rtol=1e-6, atol=1e-6)
+    close(got[0], np.ones(3))  # ∂/∂p_c = log p_c − log q_c + 1
+    close(got[1], -np.ones(3))  # ∂/∂q_c = −p_c / q_c
+
+
+def test_kl_from_logits_with_an_impossible_student_class():
+    """q = 0 < p: +inf, never NaN, and every gradient finite (a batch mean stays usable)."""
+    p_logits = jnp.array([[0.0, -1.0, 1.0], [0.0, -1e9, 1.0], [0.5, 0.0, -2.0]])
+    q_logits = jnp.array([[0.0, -jnp.inf, 1.0], [0.0, -jnp.inf, 1.0], [0.0, 0.0, 0.0]])
+    f = jxent.kl_divergence_from_logits
+    value, grads = jax.jit(
+        lambda p, q: (f(p, q), jax.grad(lambda p, q: jnp.sum(f(p, q)[1:]), (0, 1))(p, q))
+    )(p_logits, q_logits)
+    value = np.asarray(value)
+    assert value[0] == np.inf
+    # A −1e9 mask logit is a class of probability exactly 0 in float32: the
+    # probability form gives 0 for it, and so does the logits form.
+    p_probs = jax.nn.softmax(p_logits[1])
+    q_probs = jax.nn.softmax(q_logits[1])
+    np.testing.assert_allclose(value[1], float(jxent.kl_divergence(p_probs, q_probs)), atol=1e-7)
+    assert value[1] == 0.0
+    for g in grads:
+        assert np.all(np.isfinite(np.asarray(g)))
+    g_all = jax.jit(jax.grad(lambda p, q: jnp.mean(f(p, q)), (0, 1)))(p_logits, q_logits)
+    for g in g_all:
+        assert not np.any(np.isnan(np.asarray(g)))
+    # The finite rows keep their exact gradient: ∂KL/∂q = q − p.
+    np.testing.assert_allclose(
+        g_all[1][2], (jax.nn.softmax(q_logits[2]) - jax.nn.softmax(p_logits[2])) / 3, atol=1e-6
+    )

@@ -68,7 +68,7 @@ def test_nnx_model_trains_with_optax_inside_jit(corpus):
     @functools.partial(chex.assert_max_traces, n=1)
     def train_step(model, optimizer, tokens, mask):
         def loss_fn(model):
-            return jxent.sequence_nll(model(tokens), tokens, where=mask)
+            return jxent.sequence_nll(model(tokens), tokens, where=mask, shift=True)
 
         loss, grads = nnx.value_and_grad(loss_fn)(model)
         optimizer.update(model, grads)
@@ -82,7 +82,7 @@ def test_nnx_model_trains_with_optax_inside_jit(corpus):
     # the model conditions on the previous token only: its loss is bounded
     # below by the corpus's empirical H(next | previous) (Gibbs' inequality)
     counts = toy.count_table(*toy.lm_events(corpus), V, V)
-    final = jxent.nll_stats(model(tokens), tokens, where=mask)
+    final = jxent.nll_stats(model(tokens), tokens, where=mask, shift=True)
     assert float(final.mean()) >= toy.conditional_entropy(counts) - 1e-6
     assert float(final.mean()) < losses[-1] + 1e-2
 
@@ -97,7 +97,7 @@ def _uneven_batch(corpus, k=4, per_micro=2):
     so the counts differ even more than the padding alone makes them.
     """
     order = np.argsort(-corpus.mask.sum(axis=-1), kind="stable")
-    picks = np.concatenate([order[:per_micro * (k - 1)], order[-per_micro:]])
+    picks = np.concatenate([order[: per_micro * (k - 1)], order[-per_micro:]])
     tokens, mask = corpus.tokens[picks], corpus.mask[picks].copy()
     mask[-per_micro:, 1:3] = False
     return jnp.asarray(tokens), jnp.asarray(mask)
@@ -115,7 +115,7 @@ def functional_model():
 
 
 def _stats(graphdef, params, tokens, mask):
-    return jxent.nll_stats(nnx.merge(graphdef, params)(tokens), tokens, where=mask)
+    return jxent.nll_stats(nnx.merge(graphdef, params)(tokens), tokens, where=mask, shift=True)
 
 
 @functools.partial(jax.jit, static_argnums=0)
@@ -200,8 +200,7 @@ def test_multisteps_with_count_weighting_equals_the_big_batch(corpus, functional
         return k * _stats(graphdef, params, tokens, mask).total / global_count
 
     for loss, use_grad_mean in ((summed, False), (averaged, True)):
-        got = _multisteps(graphdef, params, _split(tokens, k), _split(mask, k), loss,
-                          use_grad_mean)
+        got = _multisteps(graphdef, params, _split(tokens, k), _split(mask, k), loss, use_grad_mean)
         chex.assert_trees_all_close(got, expected, rtol=1e-5, atol=1e-6)
 
 
@@ -212,7 +211,9 @@ def test_averaging_micro_batch_means_is_not_the_big_batch(corpus, functional_mod
     expected = _sgd_step(params, big_batch_grads(graphdef, params, tokens, mask))
 
     def micro_mean(params, tokens, mask):
-        return jxent.sequence_nll(nnx.merge(graphdef, params)(tokens), tokens, where=mask)
+        return jxent.sequence_nll(
+            nnx.merge(graphdef, params)(tokens), tokens, where=mask, shift=True
+        )
 
     naive = _multisteps(graphdef, params, _split(tokens, 4), _split(mask, 4), micro_mean, True)
     diff = max(

@@ -87,7 +87,7 @@ def test_one_device_mesh_equals_plain_loss(rng):
     def on_mesh(x, w):
         return jax.shard_map(
             lambda x, t, w: jxent.nll_stats(
-                x, t, class_weights=w, vocab_axis_name="model", **options
+                x, t, class_weights=w, vocab_axis_name="model", **options, shift=True
             ).mean(),
             mesh=mesh,
             in_specs=(P(None, None, "model"), P(), P("model")),
@@ -95,7 +95,7 @@ def test_one_device_mesh_equals_plain_loss(rng):
         )(x, tokens, w)
 
     def plain(x, w):
-        return jxent.sequence_nll(x, tokens, class_weights=w, **options)
+        return jxent.sequence_nll(x, tokens, class_weights=w, **options, shift=True)
 
     got = jax.jit(jax.value_and_grad(on_mesh, (0, 1)))(logits, weights)
     want = jax.jit(jax.value_and_grad(plain, (0, 1)))(logits, weights)

@@ -64,7 +64,7 @@ def test_shift_matches_a_loop_over_positions(rng):
     @jax.jit
     def outputs(x):
         return {
-            n: jxent.sequence_nll(x, tokens, where=where, normalize=n)
+            n: jxent.sequence_nll(x, tokens, where=where, normalize=n, shift=True)
             for n in ("none", "sum", "tokens")
         }
 
@@ -88,7 +88,7 @@ def test_shift_false_is_aligned(rng):
         return {
             "aligned": jxent.sequence_nll(x, tokens, shift=False, where=where, normalize="none"),
             "sce": jxent.softmax_cross_entropy(x, tokens, where=where, reduction="none"),
-            "shifted": jxent.sequence_nll(x, tokens, where=where, normalize="none"),
+            "shifted": jxent.sequence_nll(x, tokens, where=where, normalize="none", shift=True),
             "by_hand": jxent.sequence_nll(
                 x[:, :-1], tokens[:, 1:], shift=False, where=where[:, 1:], normalize="none"
             ),
@@ -115,7 +115,9 @@ def test_tokens_and_sequences_normalisation_on_uneven_masks(rng):
     @jax.jit
     def outputs(x):
         return {
-            (n, w is None): jxent.sequence_nll(x, tokens, where=where, normalize=n, class_weights=w)
+            (n, w is None): jxent.sequence_nll(
+                x, tokens, where=where, normalize=n, class_weights=w, shift=True
+            )
             for n in ("tokens", "sequences")
             for w in (None, weights)
         }
@@ -141,8 +143,8 @@ def test_sum_is_the_negative_log_likelihood(rng):
     @jax.jit
     def outputs(x):
         return (
-            jxent.sequence_nll(x, tokens, where=where, normalize="sum"),
-            jxent.nll_stats(x, tokens, where=where),
+            jxent.sequence_nll(x, tokens, where=where, normalize="sum", shift=True),
+            jxent.nll_stats(x, tokens, where=where, shift=True),
         )
 
     total, stats = outputs(logits)
@@ -187,7 +189,7 @@ def test_where_is_shifted_with_the_targets(rng):
 
     @jax.jit
     def outputs(x):
-        f = lambda t, w: jxent.sequence_nll(x, t, where=w, normalize="none")
+        f = lambda t, w: jxent.sequence_nll(x, t, where=w, normalize="none", shift=True)
         return (
             f(tokens, all_on),
             f(tokens, first_off),
@@ -209,9 +211,9 @@ def test_ignore_index_custom_and_none(rng):
     @jax.jit
     def outputs(x):
         return (
-            jxent.sequence_nll(x, tokens, ignore_index=0),
-            jxent.sequence_nll(x, tokens, ignore_index=None, where=tokens != 0),
-            jxent.sequence_nll(x, tokens, ignore_index=None),
+            jxent.sequence_nll(x, tokens, ignore_index=0, shift=True),
+            jxent.sequence_nll(x, tokens, ignore_index=None, where=tokens != 0, shift=True),
+            jxent.sequence_nll(x, tokens, ignore_index=None, shift=True),
         )
 
     ignoring, masked, everything = outputs(logits)
@@ -231,7 +233,7 @@ def test_loss_options_are_those_of_softmax_cross_entropy(rng):
         target_mask = where[:, 1:]
         return {
             n: (
-                jxent.sequence_nll(x, tokens, where=where, normalize=n, **opts),
+                jxent.sequence_nll(x, tokens, where=where, normalize=n, **opts, shift=True),
                 jxent.softmax_cross_entropy(
                     x[:, :-1], tokens[:, 1:], where=target_mask, reduction=r, **opts
                 ),
@@ -250,15 +252,19 @@ def test_nll_stats_mean_perplexity_and_bits(rng):
 
     @jax.jit
     def outputs(x):
-        stats = jxent.nll_stats(x, tokens, where=where)
-        weighted = jxent.nll_stats(x, tokens, where=where, class_weights=weights)
+        stats = jxent.nll_stats(x, tokens, where=where, shift=True)
+        weighted = jxent.nll_stats(x, tokens, where=where, class_weights=weights, shift=True)
         return {
             "stats": stats,
             "weighted": weighted,
             "derived": (stats.mean(), stats.perplexity(), stats.bits_per_token()),
-            "tokens": jxent.sequence_nll(x, tokens, where=where),
-            "weighted_tokens": jxent.sequence_nll(x, tokens, where=where, class_weights=weights),
-            "uniform": jxent.nll_stats(jnp.zeros_like(x), tokens, where=where).perplexity(),
+            "tokens": jxent.sequence_nll(x, tokens, where=where, shift=True),
+            "weighted_tokens": jxent.sequence_nll(
+                x, tokens, where=where, class_weights=weights, shift=True
+            ),
+            "uniform": jxent.nll_stats(
+                jnp.zeros_like(x), tokens, where=where, shift=True
+            ).perplexity(),
         }
 
     out = outputs(logits)
@@ -296,7 +302,9 @@ def test_all_masked_and_masked_nonfinite_logits(rng):
     poisoned[2, -1] = -np.inf
 
     def total(x, mask, normalize):
-        loss = jxent.sequence_nll(x, tokens, where=mask, normalize=normalize, z_loss=1e-3)
+        loss = jxent.sequence_nll(
+            x, tokens, where=mask, normalize=normalize, z_loss=1e-3, shift=True
+        )
         return jnp.sum(loss)
 
     @jax.jit
@@ -342,10 +350,10 @@ def test_micro_batch_accumulation_is_exact(rng):
         return inputs @ p["W"] + p["b"][None, None, :]
 
     def stats(p, s):
-        return jxent.nll_stats(model(p, x[s]), tokens[s], where=where[s], **opts)
+        return jxent.nll_stats(model(p, x[s]), tokens[s], where=where[s], **opts, shift=True)
 
     def whole(p):
-        return jxent.sequence_nll(model(p, x), tokens, where=where, **opts)
+        return jxent.sequence_nll(model(p, x), tokens, where=where, **opts, shift=True)
 
     def combined(p):
         parts = [stats(p, s) for s in splits]
@@ -393,19 +401,83 @@ def test_bad_shapes_and_options_are_rejected():
             ValueError,
             match=re.escape("tokens has shape (2, 5) but logits (2, 6, 7) expects (2, 6)"),
         ):
-            f(logits, np.zeros((2, 5), np.int32))
+            f(logits, np.zeros((2, 5), np.int32), shift=True)
         with pytest.raises(
             ValueError, match=re.escape("where has shape (2, 5) but tokens has shape (2, 6)")
         ):
-            f(logits, tokens, where=np.ones((2, 5), bool))
+            f(logits, tokens, where=np.ones((2, 5), bool), shift=True)
         with pytest.raises(ValueError, match=re.escape("at least 2 dimensions), got (7,)")):
-            f(np.zeros(7, np.float32), np.zeros((), np.int32))
-        with pytest.raises(
-            ValueError, match="shift=True needs at least 2 positions to predict, got T=1"
-        ):
-            f(logits[:, :1], tokens[:, :1])
+            f(np.zeros(7, np.float32), np.zeros((), np.int32), shift=True)
     with pytest.raises(
         ValueError,
         match="normalize must be one of 'tokens', 'sequences', 'sum', 'none'; got 'mean'",
     ):
-        jxent.sequence_nll(logits, tokens, normalize="mean")
+        jxent.sequence_nll(logits, tokens, normalize="mean", shift=True)
+
+
+# --------------------------------------------------------------------------------------
+# Hardening (issue 10)
+
+
+def test_shift_is_required_and_says_which_to_pass():
+    """``sequence_nll(logits[:, :-1], tokens[:, 1:])`` must not silently shift twice."""
+    logits = np.zeros((2, 6, 7), np.float32)
+    tokens = np.zeros((2, 6), np.int32)
+    for f in (jxent.sequence_nll, jxent.nll_stats):
+        with pytest.raises(
+            TypeError, match=re.escape("needs shift: pass shift=True for causal LM logits")
+        ):  # noqa: E501
+            f(logits, tokens)
+        with pytest.raises(TypeError, match=re.escape("or shift=False for logits already aligned")):
+            f(logits[:, :-1], tokens[:, 1:])
+        with pytest.raises(TypeError, match="shift must be True or False, got 1"):
+            f(logits, tokens, shift=1)
+
+
+def test_float_tokens_are_named_as_tokens_with_the_users_shape():
+    logits = np.zeros((2, 4, 7), np.float32)
+    for f in (jxent.sequence_nll, jxent.nll_stats):
+        with pytest.raises(
+            TypeError,
+            match=re.escape(
+                "tokens must be integer token ids, got dtype float32 with shape (2, 4); "
+                "convert them with tokens.astype(jnp.int32)"
+            ),
+        ):
+            f(logits, np.zeros((2, 4), np.float32), shift=True)
+
+
+def test_shift_with_a_single_position_is_empty_not_an_error():
+    """T = 1 under ``shift=True`` has no target: 0 and a zero gradient, as for N = 0."""
+    logits = np.ones((3, 1, 7), np.float32)
+    tokens = np.zeros((3, 1), np.int32)
+
+    @jax.jit
+    def run(x):
+        out = {
+            n: jax.value_and_grad(
+                lambda x, n=n: jnp.sum(jxent.sequence_nll(x, tokens, shift=True, normalize=n))
+            )(x)
+            for n in ("tokens", "sequences", "sum", "none")
+        }
+        stats = jxent.nll_stats(x, tokens, shift=True)
+        return out, stats
+
+    out, stats = run(logits)
+    for value, grad in out.values():
+        assert float(value) == 0.0 and not np.any(np.asarray(grad))
+    assert float(stats.total) == 0.0 and float(stats.count) == 0.0
+    assert jxent.sequence_nll(logits, tokens, shift=True, normalize="none").shape == (3, 0)
+
+
+def test_out_of_range_tokens_under_jit_have_a_nan_gradient(rng):
+    logits = rng.standard_normal((2, 5, 7)).astype(np.float32)
+    tokens = rng.integers(0, 7, (2, 5)).astype(np.int32)
+    tokens[1, 3] = 9
+    grad = jax.jit(jax.grad(lambda x: jxent.sequence_nll(x, tokens, shift=True, normalize="sum")))(
+        logits
+    )
+    bad = np.isnan(np.asarray(grad)).all(-1)
+    want = np.zeros((2, 5), bool)
+    want[1, 2] = True  # logits[1, 2] predict tokens[1, 3]
+    np.testing.assert_array_equal(bad, want)

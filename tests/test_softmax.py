@@ -692,3 +692,216 @@ def test_no_retracing_across_calls_with_the_same_shapes(rng):
         loss(logits, targets, weights)
     with pytest.raises(AssertionError, match="is traced > 1 times"):
         loss(*draw(rng, (N + 1, C)))
+
+
+# --------------------------------------------------------------------------------------
+# Hardening (issue 10): gradients with respect to every differentiable input, precision
+# next to PyTorch at large logits, errors that blame the right argument.
+
+
+def test_gradient_with_respect_to_probability_targets_is_minus_log_p():
+    """The loss is linear in ``y``: ∂/∂y_c = −(1−ε)·w_c·log p_c, at ``y_c = 0`` too."""
+    x = jnp.array([[1.0, 2.0, 0.5]])
+    y = jnp.array([[0.0, 1.0, 0.0]])
+    log_p = np.asarray(jax.nn.log_softmax(x.astype(jnp.float32)), np.float64)
+    grad = jax.jit(jax.grad(lambda y: jxent.softmax_cross_entropy(x, y)))(y)
+    close(grad, np.float32([[1.4644, 0.4644, 1.9644]]), 1e-4)
+    close(grad, -log_p, 1e-6)
+    weights = jnp.array([0.5, 2.0, 0.0])  # a zero weight keeps its derivative too
+    eps = 0.2
+    f = lambda y: jxent.softmax_cross_entropy(x, y, class_weights=weights, label_smoothing=eps)
+    grad = jax.jit(jax.grad(f))(y)
+    close(grad, -(1 - eps) * np.asarray(weights) * log_p, 1e-6)
+    tangent = jnp.array([[0.3, -1.0, 2.0]])
+    _, jvp = jax.jit(lambda y, t: jax.jvp(f, (y,), (t,)))(y, tangent)
+    close(jvp, np.sum(-(1 - eps) * np.asarray(weights) * log_p * np.asarray(tangent)), 1e-6)
+
+
+def test_check_grads_over_logits_and_probability_targets(rng):
+    """optax's SoftmaxCrossEntropyTest.test_gradient: check_grads over logits and labels."""
+    logits, _, weights = draw(rng)
+    y = rng.dirichlet(np.ones(C), N).astype(np.float32)
+    y[0] = np.eye(C, dtype=np.float32)[1]  # exact zeros in the targets
+    for opts in ({}, {"class_weights": weights, "label_smoothing": 0.1}):
+        f = lambda x, y, opts=opts: jxent.softmax_cross_entropy(x, y, **opts)
+        jax.test_util.check_grads(f, (logits, y), order=1, modes=("fwd", "rev"), eps=1e-3,
+                                  atol=2e-2, rtol=2e-2)
+
+
+@pytest.mark.parametrize("probability", [False, True])
+def test_zero_class_weights_keep_their_derivative(rng, probability):
+    """∂/∂class_weights at an exact 0 weight equals autodiff of the plain formula."""
+    logits, targets, weights = draw(rng)
+    weights[[0, 3]] = 0.0
+    targets[:3] = 0
+    y = rng.dirichlet(np.ones(C), N).astype(np.float32) if probability else targets
+    eps = 0.1
+
+    def plain(w):
+        log_p = jax.nn.log_softmax(logits)
+        smooth = (1 - eps) * (jax.nn.one_hot(targets, C) if not probability else y) + eps / C
+        per_position = -jnp.sum(w[None, :] * smooth * log_p, -1)
+        denominator = N if probability else jnp.sum(w[targets])
+        return jnp.sum(per_position) / denominator
+
+    f = lambda w: jxent.softmax_cross_entropy(logits, y, class_weights=w, label_smoothing=eps)
+    got, want = jax.jit(lambda w: (jax.grad(f)(w), jax.grad(plain)(w)))(weights)
+    close(got, want, 1e-5)
+    assert np.all(np.asarray(got)[[0, 3]] != 0)
+
+
+def _nan_gradient_rows(f, logits):
+    grad = jax.jit(jax.grad(lambda x: jnp.sum(f(x))))(logits)
+    return np.isnan(np.asarray(grad)).all(axis=-1)
+
+
+@pytest.mark.parametrize("options", [{}, {"class_weights": True, **RICH}])
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+def test_out_of_range_targets_under_jit_have_a_nan_gradient(rng, options, reduction):
+    """A silently dropped target must not keep training: its gradient row is NaN too."""
+    logits, targets, weights = draw(rng, (N, 200))
+    targets[2] = 250
+    weighted = bool(options.get("class_weights"))
+    if weighted:
+        options = {**options, "class_weights": weights}
+    bad = _nan_gradient_rows(
+        lambda x: jxent.softmax_cross_entropy(x, targets, reduction=reduction, **options), logits
+    )
+    if weighted and reduction == "mean":
+        # The bad target's weight w[t] is NaN, and so is the denominator Σ w_t:
+        # the value and every gradient row are NaN.
+        assert bad.all()
+    else:
+        np.testing.assert_array_equal(bad, np.arange(N) == 2)
+
+
+def test_int64_targets_beyond_int32_are_refused_not_wrapped():
+    """``2**32 + 3`` would become class 3 in JAX's int32: an eager error names it."""
+    logits = np.zeros((2, 5), np.float32)
+    targets = np.array([2**32 + 3, 1], np.int64)
+    with pytest.raises(ValueError, match=re.escape("targets holds 4294967299 at position (0,)")):
+        jxent.softmax_cross_entropy(logits, targets)
+    with pytest.raises(ValueError, match="would silently wrap to 3"):
+        jxent.softmax_cross_entropy(logits, targets, reduction="none")
+    ok = jxent.softmax_cross_entropy(logits, np.array([3, 1], np.int64))
+    close(ok, np.float32(np.log(5)))
+
+
+def _torch_or_none():
+    try:
+        import torch
+    except ImportError:
+        return None
+    return torch
+
+
+def test_large_logits_lose_no_digits():
+    """(x_t − max) + log Σ exp(x − max), as PyTorch and optax: no cancellation."""
+    logits = np.float32([[1e4, 0, -1e4], [-1e4, 1e4, 1e4 - 1]])
+    targets = np.int32([1, 2])
+    want = np.float64([1e4, np.log1p(np.e)])
+    got = np.asarray(jax.jit(loss_fn(reduction="none"))(logits, targets), np.float64)
+    np.testing.assert_allclose(got, want, rtol=1e-5)
+
+
+@pytest.mark.parametrize("scale", [1e2, 1e3, 1e4])
+@pytest.mark.parametrize("probability", [False, True])
+def test_precision_at_large_logits_is_no_worse_than_pytorch(rng, scale, probability):
+    """Against float64, jxent's float32 error is at most PyTorch's float32 error (+ slack).
+
+    Close logits (a spread of a few units around ±scale) are where adding
+    the max back cancels digits; label smoothing and weights are on.
+    """
+    torch = _torch_or_none()
+    shape = (64, 11)
+    centre = scale * rng.choice([-1.0, 1.0], (shape[0], 1))
+    logits = (centre + 3 * rng.standard_normal(shape)).astype(np.float32)
+    targets = rng.integers(0, shape[1], shape[0]).astype(np.int64)
+    weights = rng.uniform(0.2, 2.0, shape[1]).astype(np.float32)
+    y = rng.dirichlet(np.ones(shape[1]), shape[0]).astype(np.float32)
+    t = y if probability else targets
+    eps = 0.1
+
+    x64 = logits.astype(np.float64)
+    log_p = x64 - lse_np(x64)[:, None]
+    smooth = (1 - eps) * (y if probability else np.eye(shape[1])[targets]) + eps / shape[1]
+    want = -(smooth * weights.astype(np.float64) * log_p).sum(-1)
+
+    f = loss_fn(reduction="none", class_weights=weights, label_smoothing=eps)
+    got = np.asarray(jax.jit(f)(logits, t), np.float64)
+    error = np.abs(got - want) / np.abs(want)
+    bound = 2e-6
+    if torch is not None:
+        ref = torch.nn.functional.cross_entropy(
+            torch.from_numpy(logits), torch.from_numpy(t), weight=torch.from_numpy(weights),
+            label_smoothing=eps, reduction="none",
+        ).numpy().astype(np.float64)
+        if not probability:  # torch's per-position "none" with weights: w_t·(1−ε)·nll + ...
+            pass
+        torch_error = np.abs(ref - want) / np.abs(want)
+        bound = max(bound, 1.5 * torch_error.max())
+    assert error.max() <= bound, (error.max(), bound)
+
+
+def test_errors_name_the_argument_and_the_fix():
+    logits = np.zeros((4, 10), np.float32)
+    sce = jxent.softmax_cross_entropy
+    with pytest.raises(TypeError, match=re.escape("targets has floating dtype float32 and shape (4,), the shape of class ids: class ids must be integers (targets.astype(jnp.int32))")):  # noqa: E501
+        sce(logits, np.zeros(4, np.float32))
+    with pytest.raises(ValueError, match=re.escape("targets is an integer array (int32) with the logits' shape (4, 10): probabilities (e.g. one-hot) need a floating dtype")):  # noqa: E501
+        sce(logits, np.zeros((4, 10), np.int32))
+    with pytest.raises(ValueError, match=re.escape("(jnp.argmax(targets, axis=-1))")):
+        sce(logits, np.zeros((4, 10), np.int32))
+    torch_layout = np.zeros((2, 10, 7), np.float32)  # [N, C, T]
+    with pytest.raises(ValueError, match=re.escape("PyTorch's [N, C, d1, ...] layout with the classes on axis 1; pass axis=1")):  # noqa: E501
+        sce(torch_layout, np.zeros((2, 7), np.int32))
+    close(sce(torch_layout, np.zeros((2, 7), np.int32), axis=1), np.float32(np.log(10)))
+    with pytest.raises(ValueError, match=re.escape("0 classes along axis=1")):
+        sce(np.zeros((4, 0), np.float32), np.zeros(4, np.int32))
+
+
+def test_traced_ignore_index_says_to_make_it_static():
+    logits = np.zeros((4, 10), np.float32)
+    targets = np.int32([1, 2, -1, 3])
+    with pytest.raises(TypeError, match=re.escape("ignore_index must be a static Python int, got a traced value")):  # noqa: E501
+        jax.jit(lambda x, t, i: jxent.softmax_cross_entropy(x, t, ignore_index=i))(
+            logits, targets, -1
+        )
+    with pytest.raises(TypeError, match=re.escape("static_argnames=('ignore_index',)")):
+        jax.jit(lambda x, t, i: jxent.softmax_cross_entropy(x, t, ignore_index=i))(
+            logits, targets, -1
+        )
+    # NumPy integer scalars are Python ints here.
+    got = jxent.softmax_cross_entropy(logits, targets, ignore_index=np.int64(-1))
+    want = jxent.softmax_cross_entropy(logits, targets, ignore_index=-1)
+    close(got, want)
+    with pytest.raises(TypeError, match="ignore_index must be an int or None, got 1.5"):
+        jxent.softmax_cross_entropy(logits, targets, ignore_index=1.5)
+
+
+@pytest.mark.parametrize("probability", [False, True])
+def test_traced_label_smoothing_and_z_loss_equal_static_ones_without_recompiling(
+    rng, probability
+):
+    """A schedule passes traced coefficients: same values and gradients, one trace."""
+    chex.clear_trace_counter()
+    logits, targets, weights = draw(rng, ignored=0.2)
+    t = rng.dirichlet(np.ones(C), N).astype(np.float32) if probability else targets
+
+    @jax.jit
+    @chex.assert_max_traces(n=1)
+    def traced(x, eps, z):
+        f = lambda x: jxent.softmax_cross_entropy(
+            x, t, class_weights=weights, label_smoothing=eps, z_loss=z
+        )
+        return jax.value_and_grad(f)(x)
+
+    for eps, z in [(0.0, 0.0), (0.1, 1e-3), (0.7, 0.5)]:
+        f = lambda x, eps=eps, z=z: jxent.softmax_cross_entropy(
+            x, t, class_weights=weights, label_smoothing=eps, z_loss=z
+        )
+        close(traced(logits, eps, z), jax.jit(jax.value_and_grad(f))(logits), 1e-5)
+    with pytest.raises(ValueError, match=re.escape("label_smoothing must be in [0, 1], got")):
+        jxent.softmax_cross_entropy(logits, t, label_smoothing=jnp.float32(1.5))
+    with pytest.raises(ValueError, match="z_loss must be a finite float >= 0"):
+        jxent.softmax_cross_entropy(logits, t, z_loss=np.float32(-1.0))
