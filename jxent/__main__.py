@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 from collections.abc import Callable
@@ -87,7 +88,8 @@ def _run(
                 "source": float(source_probs[c, y]),
                 "count": int(counts[c, y]),
                 "context_count": int(counts[c].sum()),
-                "mle": float(p_hat[c, y]),
+                # no MLE for a context the corpus never shows (0/0)
+                "mle": float(p_hat[c, y]) if counts[c].sum() > 0 else None,
                 "model": float(np.exp(log_probs[c, y])),
             }
         )
@@ -134,7 +136,12 @@ def _print_table(title: str, r: dict, context_label: str) -> None:
     for row in r["probabilities"]:
         label = f"P({row['word']} | {row['context']})"
         ratio = f"{row['count']}/{row['context_count']}"
-        print(f"  {label:24}{row['source']:>8.3f}{ratio:>12}{row['mle']:>9.4f}{row['model']:>9.4f}")
+        if row["mle"] is None:
+            print(f"  {label:24}{row['source']:>8.3f}{ratio:>12}{'—':>9}{row['model']:>9.4f}"
+                  f"  (context never seen: no MLE)")
+        else:
+            print(f"  {label:24}{row['source']:>8.3f}{ratio:>12}{row['mle']:>9.4f}"
+                  f"{row['model']:>9.4f}")
 
 
 def _plot(path: str, lm: dict, translation: dict) -> None:
@@ -164,6 +171,29 @@ def _public(r: dict) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Run the demonstration; returns the exit status.
+
+    A reader that stops early (``python -m jxent | head -3``) ends the run
+    quietly with status 141 (128 + SIGPIPE, as a command killed by the broken
+    pipe), without a traceback.
+    """
+    try:
+        status = _main(argv)
+        sys.stdout.flush()  # a broken pipe shows up here, not at interpreter exit
+        return status
+    except BrokenPipeError:
+        # https://docs.python.org/3/library/signal.html#note-on-sigpipe: point
+        # the broken streams at devnull so that Python's final flush is silent.
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        for stream in (sys.stdout, sys.stderr):
+            try:
+                os.dup2(devnull, stream.fileno())
+            except (OSError, ValueError):  # no real descriptor (captured in tests)
+                pass
+        return 141
+
+
+def _main(argv: list[str] | None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m jxent",
         description="Train toy models with jxent.sequence_nll and show that minimising "
@@ -180,6 +210,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.steps < 1 or args.sentences < 1:
         parser.error("--steps and --sentences must be positive")
+    if args.seed < 0:
+        parser.error(f"--seed must be a non-negative integer, got {args.seed}")
     if args.plot is not None:
         try:
             import matplotlib  # noqa: F401
@@ -187,6 +219,14 @@ def main(argv: list[str] | None = None) -> int:
             print("jxent: --plot needs matplotlib, which is not installed "
                   "(pip install matplotlib); nothing was run.", file=sys.stderr)
             return 2
+        # fail before training, not after it, when the figure cannot be written
+        directory = os.path.dirname(os.path.abspath(args.plot))
+        if not os.path.isdir(directory):
+            parser.error(f"--plot {args.plot}: directory {directory} does not exist; "
+                         "nothing was run")
+        if not os.access(directory, os.W_OK):
+            parser.error(f"--plot {args.plot}: directory {directory} is not writable; "
+                         "nothing was run")
 
     start = time.perf_counter()
     corpus = toy.sample_corpus(args.seed, num_sentences=args.sentences)

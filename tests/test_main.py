@@ -2,6 +2,7 @@
 
 import json
 import math
+import os
 import subprocess
 import sys
 
@@ -102,3 +103,74 @@ def test_rejects_non_positive_sizes(args, capsys):
         main(args)
     assert excinfo.value.code == 2
     assert "must be positive" in capsys.readouterr().err
+
+
+def test_rejects_a_negative_seed(capsys):
+    with pytest.raises(SystemExit) as excinfo:
+        main(["--seed", "-1"])
+    assert excinfo.value.code == 2
+    err = capsys.readouterr().err
+    assert "usage:" in err and "--seed must be a non-negative integer, got -1" in err
+    assert "Traceback" not in err
+
+
+def test_plot_into_a_missing_directory_fails_before_training(tmp_path, capsys):
+    path = tmp_path / "missing" / "x.png"
+    with pytest.raises(SystemExit) as excinfo:
+        main(["--plot", str(path)])
+    assert excinfo.value.code == 2
+    out, err = capsys.readouterr()
+    assert out == ""
+    assert f"directory {tmp_path / 'missing'} does not exist; nothing was run" in err
+    assert "[language model]" not in err  # nothing was trained
+
+
+@pytest.mark.skipif(not hasattr(os, "geteuid") or os.geteuid() == 0,
+                    reason="needs POSIX permissions that bind the user (root writes anywhere)")
+def test_plot_into_a_read_only_directory_fails_before_training(tmp_path, capsys):
+    directory = tmp_path / "read-only"
+    directory.mkdir(mode=0o500)
+    with pytest.raises(SystemExit) as excinfo:
+        main(["--plot", str(directory / "x.png")])
+    assert excinfo.value.code == 2
+    assert "is not writable; nothing was run" in capsys.readouterr().err
+
+
+def test_a_reader_that_closes_early_ends_the_run_quietly(tmp_path):
+    """``python -m jxent | head``: no BrokenPipeError traceback, the SIGPIPE status."""
+    with open(tmp_path / "stderr", "w+") as stderr:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "jxent", "--steps", "5", "--sentences", "20", "--quiet"],
+            stdout=subprocess.PIPE,
+            stderr=stderr,
+        )
+        proc.stdout.close()  # the reader is gone before the first line is written
+        returncode = proc.wait(timeout=300)
+        stderr.seek(0)
+        err = stderr.read()
+    assert err == ""
+    assert returncode == 141
+
+
+def test_the_mle_of_a_context_never_seen_is_undefined(capsys):
+    """A one-sentence corpus leaves example contexts unseen: no ``0/0  0.0000`` MLE."""
+    argv = ["--sentences", "1", "--steps", "5", "--quiet"]
+    assert main([*argv, "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    rows = out["probabilities"] + out["conditional"]["probabilities"]
+    unseen = [row for row in rows if row["context_count"] == 0]
+    assert unseen, "the test needs a context the corpus never shows"
+    for row in rows:
+        if row["context_count"] == 0:
+            assert row["mle"] is None
+        else:
+            assert row["mle"] == pytest.approx(row["count"] / row["context_count"])
+        assert 0 < row["model"] < 1  # the model's probability is shown either way
+
+    assert main(argv) == 0
+    table = capsys.readouterr().out
+    for row in unseen:
+        line = next(ln for ln in table.splitlines()
+                    if f"P({row['word']} | {row['context']})" in ln)
+        assert "0/0" in line and "—" in line and "context never seen" in line
+        assert f"{row['model']:.4f}" in line
