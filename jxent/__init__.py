@@ -13,12 +13,17 @@ from ._sequence import nll_stats as nll_stats
 from ._sequence import perplexity as perplexity
 from ._sequence import sequence_nll as sequence_nll
 from ._softmax import softmax_cross_entropy as softmax_cross_entropy
+from ._tokens import TokenStats as TokenStats
+from ._tokens import distillation_loss as distillation_loss
+from ._tokens import token_stats as token_stats
 
 __version__ = "0.1.0"
 
 __all__ = [
     "NLLStats",
+    "TokenStats",
     "cross_entropy",
+    "distillation_loss",
     "entropy",
     "entropy_from_logits",
     "information_content",
@@ -30,6 +35,7 @@ __all__ = [
     "perplexity",
     "sequence_nll",
     "softmax_cross_entropy",
+    "token_stats",
 ]
 
 

@@ -1,0 +1,484 @@
+"""Token-level information for post-training: log-probs, entropy, distillation.
+
+Each quantity is a per-position *core* on logits with the class axis last
+(``[..., V]``, or one shard of the vocabulary with a ``ClassOps`` that
+combines shards), wrapped by a public function that validates everything
+once. The cores take validated inputs only, so the fused engine
+(``LinearLogits``) calls the same cores on chunks ``[C, V]`` of logits.
+
+Numerics: every quantity stays relative to the per-position maximum ``top``
+(no gradient). With ``d = (x − top) / T`` and ``S = Σ_c exp d_c``:
+``log p_t = d_t − log S``, ``H = log S − Σ_c exp(d_c) d_c / S`` and
+``logsumexp = top / T + log S``; nothing large is added and then subtracted.
+A ``−inf`` logit is a class of probability zero: its ``0 · (−inf)`` is gated on
+exactly ``d = −inf`` (never on ``p == 0``, which would drop gradients).
+Positions that are not counted are zeroed before any arithmetic (the double
+``where``), so NaN or inf there reach neither values nor gradients.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jaxtyping import Array, ArrayLike, Bool, Float, Int
+
+from ._checks import (
+    REDUCTIONS,
+    _float_or_traced,
+    as_integer_ids,
+    check_loss_mask,
+    check_option,
+    float_dtype,
+    integer_targets_info,
+    is_concrete,
+    static_int,
+)
+from ._reduce import reduce_losses
+from ._sequence import REQUIRED, _aligned
+from ._softmax import ClassOps
+
+__all__ = ["token_stats", "TokenStats", "distillation_loss"]
+
+DIVERGENCES = ("kl", "reverse_kl", "jsd")
+
+
+class TokenStats(NamedTuple):
+    """Per-position token statistics (a pytree); 0 / False where not counted.
+
+    Attributes:
+      log_prob: ``log softmax(z)[token]``, ``z = logits / temperature``.
+      entropy: ``H(softmax(z)) = −Σ_c p_c log p_c``.
+      logsumexp: ``log Σ_c exp z_c``.
+      is_argmax: the token's logit equals the maximum (ties count).
+    """
+
+    log_prob: Float[Array, " *positions"]
+    entropy: Float[Array, " *positions"]
+    logsumexp: Float[Array, " *positions"]
+    is_argmax: Bool[Array, " *positions"]
+
+
+class DistillationOptions(NamedTuple):
+    """Validated options of :func:`distillation_loss` (see :func:`parse_distillation_options`).
+
+    ``beta``, ``temperature`` and ``hard_weight`` are Python floats, or traced
+    scalars (accepted unchecked).
+    """
+
+    divergence: str
+    beta: Any
+    temperature: Any
+    hard_weight: Any
+
+
+# --------------------------------------------------------------------------- validation
+
+
+def _float_option(value: Any, name: str, expected: str, ok) -> Any:
+    """A Python float checked with ``ok``, or a traced real scalar (range unchecked)."""
+    v = _float_or_traced(value, name, expected)
+    if isinstance(v, float) and not ok(v):
+        raise ValueError(f"{name} must be {expected}, got {value!r}")
+    return v
+
+
+def parse_temperature(temperature: Any) -> Any:
+    """``temperature`` as a finite Python float > 0, or a traced scalar."""
+    return _float_option(
+        temperature, "temperature", "a finite float > 0", lambda v: 0 < v < math.inf
+    )
+
+
+def parse_distillation_options(
+    divergence: Any, beta: Any, temperature: Any, hard_weight: Any, has_targets: bool
+) -> DistillationOptions:
+    """Validate the options of :func:`distillation_loss` once, for the dense and fused paths."""
+    check_option(divergence, "divergence", DIVERGENCES)
+    if divergence == "jsd":
+        beta = _float_option(
+            beta,
+            "beta",
+            'a float in the open interval (0, 1) for divergence="jsd" (0 and 1 are '
+            'the limits "reverse_kl" and "kl" up to scale; pass those instead)',
+            lambda v: 0 < v < 1,
+        )
+    temperature = parse_temperature(temperature)
+    hard_weight = _float_option(
+        hard_weight, "hard_weight", "a float in [0, 1]", lambda v: 0 <= v <= 1
+    )
+    if not has_targets and not (isinstance(hard_weight, float) and hard_weight == 0.0):
+        raise ValueError(
+            f"hard_weight={hard_weight!r} weights a cross-entropy on targets, but targets is "
+            "None; pass targets= (integer token ids of the positions' shape) or hard_weight=0"
+        )
+    return DistillationOptions(divergence, beta, temperature, hard_weight)
+
+
+def float_logits(logits: Any, name: str) -> jax.Array:
+    """``logits`` as a floating array with a class axis (dtype kept; cores upcast)."""
+    logits = jnp.asarray(logits)
+    if not jnp.issubdtype(logits.dtype, jnp.floating):
+        raise TypeError(
+            f"{name} must be a floating-point array of logits, got dtype {logits.dtype}"
+        )
+    if logits.ndim == 0:
+        raise ValueError(f"{name} is a scalar; it needs a class axis (the last one)")
+    return logits
+
+
+def class_ids(
+    ids: Any,
+    where: Any,
+    position_shape: tuple[int, ...],
+    ops: ClassOps,
+    *,
+    name: str,
+    ignore_index: int | None = None,
+) -> tuple[jax.Array, jax.Array]:
+    """Validate integer class ids and the mask; return ``(index, counted)``, both ``[positions]``.
+
+    ``index`` is int32: the class id where counted and in range, ``num_classes``
+    where counted and out of range (the cores then give NaN), 0 elsewhere.
+    Out-of-range counted ids raise ``ValueError`` when the values are concrete
+    and the vocabulary is not sharded.
+    """
+    ids = as_integer_ids(ids, name)
+    if not jnp.issubdtype(ids.dtype, jnp.integer):
+        raise TypeError(
+            f"{name} must hold integer token ids, got dtype {ids.dtype}; "
+            f"use `{name}.astype(jnp.int32)`"
+        )
+    if ids.shape != tuple(position_shape):
+        raise ValueError(
+            f"{name} has shape {ids.shape} but the logits' positions have shape "
+            f"{tuple(position_shape)} ([...] for logits [..., V])"
+        )
+    ignore_index = static_int(ignore_index, "ignore_index")
+    mask = check_loss_mask(where, position_shape)
+    num_classes = ops.num_classes
+    index, ignored, in_range = integer_targets_info(ids, num_classes, ignore_index)
+    counted = ~ignored if mask is None else mask & ~ignored
+    if ops.axis_name is None and is_concrete(ids, counted):
+        bad = np.asarray(counted) & ~np.asarray(in_range)
+        if bad.any():
+            hint = "" if ignore_index is None else f" or ignore_index={ignore_index}"
+            first = tuple(int(i) for i in np.argwhere(bad)[0])
+            raise ValueError(
+                f"{name} must be class indices in [0, {num_classes}){hint} where counted; "
+                f"got {int(np.asarray(ids)[first])} at position {first} "
+                f"({int(bad.sum())} out-of-range id(s) in all)"
+            )
+    return jnp.where(counted, index, 0), counted
+
+
+# --------------------------------------------------------------------------- cores
+
+
+@jax.custom_jvp
+def _nonnegative(x):
+    """``max(x, 0)`` with the identity derivative: removes rounding below 0 only."""
+    return jnp.maximum(x, 0)
+
+
+@_nonnegative.defjvp
+def _nonnegative_jvp(primals, tangents):
+    (x,), (dx,) = primals, tangents
+    return jnp.maximum(x, 0), dx
+
+
+def _is_one(value: Any) -> bool:
+    return isinstance(value, float) and value == 1.0
+
+
+def _shifted(logits, keep, temperature, ops: ClassOps, dtype):
+    """``(x, d, top, raw_top)`` for ``[..., V]`` logits.
+
+    ``x`` the logits in ``dtype``; ``raw_top`` the per-position max of the raw
+    logits (keepdims, no gradient, combined across shards); ``top`` the same,
+    0 where not kept or not finite; ``d = (x − top) / T``, 0 where not kept.
+    The max reads the raw logits (no masked copy); the ``where`` feeding ``d``
+    fuses into its consumers.
+    """
+    x = logits.astype(dtype)
+    raw_top = jax.lax.stop_gradient(jnp.max(x, axis=-1, keepdims=True))
+    if ops.axis_name is not None:
+        raw_top = jax.lax.pmax(raw_top, ops.axis_name)
+    top = jnp.where(keep & jnp.isfinite(raw_top), raw_top, 0)
+    d = jnp.where(keep, x, 0) - top
+    if not _is_one(temperature):
+        d = d / jnp.asarray(temperature, dtype)
+    return x, d, top, raw_top
+
+
+def _scaled(value, temperature, dtype):
+    return value if _is_one(temperature) else value / jnp.asarray(temperature, dtype)
+
+
+def token_stats_core(logits, tokens, counted, temperature, ops: ClassOps) -> TokenStats:
+    """:class:`TokenStats` per position from validated inputs (no checks here).
+
+    Args:
+      logits: ``[..., V_local]``, the class axis last (any float dtype).
+      tokens: ``[...]`` int32 global ids from :func:`class_ids`: in ``[0, V)``
+        where counted (``V`` means out of range and gives NaN ``log_prob``).
+      counted: ``[...]`` bool.
+      temperature: a Python float > 0 or a traced scalar.
+      ops: ``ClassOps(axis=logits.ndim - 1, axis_name, num_local=V_local)``.
+    """
+    dtype = float_dtype(logits.dtype)
+    keep = counted[..., None]
+    x, d, top, raw_top = _shifted(logits, keep, temperature, ops, dtype)
+    e = jnp.exp(d)
+    log_total = jnp.log(ops.sum(e))
+    # Σ_c p_c d_c with 0 · (−inf) = 0 for −inf logits, gated on exactly that case.
+    finite_d = jnp.where(d == -jnp.inf, 0, d)
+    mean_d = ops.sum(e * finite_d) * jnp.exp(-log_total)
+    x_t = ops.take(x, tokens, fill=jnp.nan)
+    top = top[..., 0]
+    log_prob = _scaled(jnp.where(counted, x_t, 0) - top, temperature, dtype) - log_total
+    entropy = _nonnegative(log_total - mean_d)
+    logsumexp = _scaled(top, temperature, dtype) + log_total
+    return TokenStats(
+        log_prob=jnp.where(counted, log_prob, 0),
+        entropy=jnp.where(counted, entropy, 0),
+        logsumexp=jnp.where(counted, logsumexp, 0),
+        is_argmax=counted & (x_t == raw_top[..., 0]),
+    )
+
+
+def _divergence(ds, dt, divergence: str, beta, ops: ClassOps):
+    """Per-position divergence between ``s = softmax(ds)`` and ``t = softmax(dt)``."""
+    s_inf, t_inf = ds == -jnp.inf, dt == -jnp.inf
+    es, et = jnp.exp(ds), jnp.exp(dt)
+    log_ss, log_st = jnp.log(ops.sum(es)), jnp.log(ops.sum(et))
+    if divergence == "kl":  # Σ t (dt − ds) / St + log Ss − log St
+        diff = jnp.where(t_inf, 0, dt - ds)
+        return ops.sum(et * diff) * jnp.exp(-log_st) + (log_ss - log_st)
+    if divergence == "reverse_kl":  # Σ s (ds − dt) / Ss + log St − log Ss
+        diff = jnp.where(s_inf, 0, ds - dt)
+        return ops.sum(es * diff) * jnp.exp(-log_ss) + (log_st - log_ss)
+    # jsd: β KL(t‖m) + (1 − β) KL(s‖m), log m = logaddexp(log β + log t, log(1−β) + log s)
+    log_s, log_t = ds - log_ss[..., None], dt - log_st[..., None]
+    both = s_inf & t_inf
+    if isinstance(beta, float):
+        log_beta, log_rest = math.log(beta), math.log1p(-beta)
+    else:
+        log_beta, log_rest = jnp.log(beta), jnp.log1p(-beta)
+    log_m = jnp.logaddexp(
+        jnp.where(both, 0, log_t + log_beta), jnp.where(both, 0, log_s + log_rest)
+    )
+    kl_t = ops.sum(jnp.exp(log_t) * jnp.where(t_inf, 0, log_t - log_m))
+    kl_s = ops.sum(jnp.exp(log_s) * jnp.where(s_inf, 0, log_s - log_m))
+    return beta * kl_t + (1 - beta) * kl_s
+
+
+def distillation_core(
+    student, teacher, counted, targets, options: DistillationOptions, ops: ClassOps
+):
+    """``(loss, weight)`` per position from validated inputs (no checks here).
+
+    Args:
+      student, teacher: ``[..., V_local]`` logits, the class axis last.
+      counted: ``[...]`` bool (``where`` and ``ignore_index`` already applied).
+      targets: ``None``, or ``[...]`` int32 global ids from :func:`class_ids`.
+      options: from :func:`parse_distillation_options`.
+      ops: ``ClassOps(axis=student.ndim - 1, axis_name, num_local=V_local)``.
+
+    Returns:
+      ``loss`` (0 where not counted) and ``weight`` (1 where counted, else 0),
+      for ``jxent._reduce.reduce_losses``. The teacher gets no gradient.
+    """
+    dtype = float_dtype(student.dtype, teacher.dtype)
+    keep = counted[..., None]
+    temperature, alpha = options.temperature, options.hard_weight
+    static_alpha = isinstance(alpha, float)
+    x, ds, top, _ = _shifted(student, keep, temperature, ops, dtype)
+    loss = jnp.zeros(counted.shape, dtype)
+    if not (static_alpha and alpha == 1.0):
+        teacher = jax.lax.stop_gradient(teacher)
+        _, dt, _, _ = _shifted(teacher, keep, temperature, ops, dtype)
+        soft = _nonnegative(_divergence(ds, dt, options.divergence, options.beta, ops))
+        loss = soft if targets is None else (1 - alpha) * soft
+    if targets is not None and not (static_alpha and alpha == 0.0):
+        # Hinton's hard term: cross-entropy of the student at temperature 1,
+        # (top − x_t) + log Σ exp(x − top).
+        d1 = ds if _is_one(temperature) else jnp.where(keep, x, 0) - top
+        x_t = jnp.where(counted, ops.take(x, targets, fill=jnp.nan), 0)
+        hard = (top[..., 0] - x_t) + jnp.log(ops.sum(jnp.exp(d1)))
+        loss = loss + alpha * hard
+    return jnp.where(counted, loss, 0), counted.astype(dtype)
+
+
+# --------------------------------------------------------------------------- public
+
+
+def token_stats(
+    logits: Float[ArrayLike, "*batch T V"],
+    tokens: Int[ArrayLike, "*batch T"],
+    *,
+    shift: bool = REQUIRED,
+    where: Bool[ArrayLike, "*batch T"] | None = None,
+    temperature: float = 1.0,
+    vocab_axis_name: str | None = None,
+) -> TokenStats:
+    """Log-probability, entropy, log-normaliser and argmax of each token, per position.
+
+    With ``z = logits / temperature`` and ``p = softmax(z)`` over the last axis:
+
+        ``log_prob = log p[token] = z_token − logsumexp(z)``,
+        ``entropy = H(p) = −Σ_c p_c log p_c``, ``logsumexp = log Σ_c exp z_c``,
+        ``is_argmax = (logits[token] == max_c logits_c)`` (every tied class counts).
+
+    For policy gradients and reference-model KL penalties (``log_prob`` of the
+    sampled tokens), entropy bonuses and monitoring, token accuracy, and
+    sequence scoring: the log-likelihood of a sequence is ``Σ log_prob`` over
+    its counted positions (``−sequence_nll(..., normalize="sum")`` at
+    temperature 1). ``log_prob``, ``entropy`` and ``logsumexp`` are
+    differentiable, in forward mode too; ``is_argmax`` is a bool.
+
+    Args:
+      logits: ``[..., T, V]``, any float dtype (bf16/f16 computed in float32).
+      tokens: ``[..., T]`` integer token ids (any integer dtype).
+      shift: required, no default. ``True`` for causal LM logits:
+        ``logits[..., :-1, :]`` score ``tokens[..., 1:]`` and ``where`` is
+        shifted with the tokens; ``False`` when logits and tokens are aligned.
+      where: ``[..., T]`` boolean, aligned with ``tokens``; False = not counted.
+      temperature: ``T > 0``, a Python float or a traced scalar (e.g. the
+        sampling temperature of an RL rollout).
+      vocab_axis_name: inside ``shard_map``, the mesh axis along which the
+        vocabulary (last axis of ``logits``) is sharded; tokens hold global
+        ids and shards exchange only per-position vectors.
+
+    Returns:
+      :class:`TokenStats` of ``[..., T − 1]`` arrays with ``shift=True``,
+      ``[..., T]`` without; float32 (float64 under ``jax_enable_x64`` for
+      float64 logits).
+
+    Conventions: positions not counted are 0 (False) in every field, with zero
+    gradient even when their logits are NaN or ±inf. A ``−inf`` logit at a
+    counted position is a class of probability zero: values and gradients stay
+    finite unless the token itself has probability zero (then
+    ``log_prob = −inf``). Rounding never makes ``entropy`` negative. Token ids
+    outside ``[0, V)`` at counted positions raise ``ValueError`` in an eager
+    call; under ``jit`` their ``log_prob`` is NaN (never a wrapped id).
+
+    Examples:
+      >>> import jax.numpy as jnp, jxent
+      >>> logits = jnp.log(jnp.array([[[0.5, 0.25, 0.25], [0.8, 0.1, 0.1]]]))
+      >>> stats = jxent.token_stats(logits, jnp.array([[0, 2]]), shift=False)
+      >>> stats.log_prob
+      Array([[-0.6931..., -2.3025...]], dtype=float32)
+      >>> stats.entropy
+      Array([[1.0397..., 0.6390...]], dtype=float32)
+      >>> stats.is_argmax
+      Array([[ True, False]], dtype=bool)
+    """
+    temperature = parse_temperature(temperature)
+    logits = float_logits(logits, "logits")
+    logits, tokens, where = _aligned(logits, tokens, where, shift, "token_stats")
+    ops = ClassOps(logits.ndim - 1, vocab_axis_name, logits.shape[-1])
+    index, counted = class_ids(tokens, where, logits.shape[:-1], ops, name="tokens")
+    return token_stats_core(logits, index, counted, temperature, ops)
+
+
+def distillation_loss(
+    student_logits: Float[ArrayLike, "*batch V"],
+    teacher_logits: Float[ArrayLike, "*batch V"],
+    *,
+    divergence: str = "kl",
+    beta: float = 0.5,
+    temperature: float = 1.0,
+    where: Bool[ArrayLike, " *batch"] | None = None,
+    reduction: str = "mean",
+    targets: Int[ArrayLike, " *batch"] | None = None,
+    hard_weight: float = 0.0,
+    ignore_index: int | None = -100,
+    vocab_axis_name: str | None = None,
+) -> Float[Array, "..."]:
+    """Divergence of a student's next-token distribution from a teacher's, per position.
+
+    With ``t = softmax(teacher_logits / T)`` and ``s = softmax(student_logits / T)``:
+
+    * ``"kl"``: ``KL(t‖s) = Σ_c t_c (log t_c − log s_c)``, forward KL,
+      mean-seeking (the student covers every mode of the teacher);
+    * ``"reverse_kl"``: ``KL(s‖t) = Σ_c s_c (log s_c − log t_c)``, mode-seeking;
+    * ``"jsd"``: ``β·KL(t‖m) + (1−β)·KL(s‖m)`` with ``m = β·t + (1−β)·s`` and
+      ``0 < β < 1``: TRL's ``generalized_jsd_loss`` for those β; ``β = ½`` is
+      the Jensen–Shannon divergence, ``≤ log 2``.
+
+    With ``targets`` and ``hard_weight = α`` each position's loss is
+    ``α·CE(student, target) + (1 − α)·divergence``, where the cross-entropy
+    ``−log softmax(student_logits)[target]`` is at temperature 1 (Hinton et
+    al.'s recipe). Hinton's recipe also multiplies the soft term by ``T²`` to
+    keep its gradient's scale across temperatures; jxent does **not**: multiply
+    by ``T**2`` yourself if you want it. The teacher gets no gradient.
+
+    Args:
+      student_logits: ``[..., V]``, the class axis last.
+      teacher_logits: the same shape (any float dtype; computed in float32,
+        or float64 under ``jax_enable_x64``).
+      divergence: ``"kl"``, ``"reverse_kl"`` or ``"jsd"``.
+      beta: the mixture weight of the teacher for ``"jsd"``, in ``(0, 1)``
+        (ignored otherwise).
+      temperature: ``T > 0``, dividing both logits (Python float or traced scalar).
+      where: ``[...]`` boolean, the positions' shape; False = not counted.
+      reduction: ``"mean"`` (over counted positions; 0 when none),
+        ``"sum"`` or ``"none"`` (per position, 0 where not counted).
+      targets: ``[...]`` integer ids for the hard term; ids equal to
+        ``ignore_index`` drop the whole position from both terms and from the
+        mean's denominator.
+      hard_weight: ``α`` in ``[0, 1]``; ``α > 0`` needs ``targets``.
+      ignore_index: see ``targets`` (``None`` disables it).
+      vocab_axis_name: inside ``shard_map``, the mesh axis along which both
+        logits' vocabulary is sharded (targets hold global ids).
+
+    Returns:
+      A scalar, or ``[...]`` per position for ``reduction="none"``.
+
+    Conventions: a class impossible under both distributions (``−inf`` in both
+    logits) contributes 0, never NaN; a class the approximating side excludes
+    while the other has mass gives ``+inf``, as the math does. Values are never
+    negative (rounding below 0 is removed; the gradient is that of the formula).
+    Masked positions may hold NaN/inf logits: they reach neither value nor gradient.
+
+    Raises:
+      ValueError: unknown ``divergence`` or ``reduction``, ``β`` outside
+        ``(0, 1)`` for ``"jsd"``, ``hard_weight > 0`` without ``targets``,
+        mismatched shapes.
+
+    Examples:
+      >>> import jax.numpy as jnp, jxent
+      >>> teacher = jnp.log(jnp.array([[0.5, 0.5], [0.9, 0.1]]))
+      >>> student = jnp.log(jnp.array([[0.5, 0.5], [0.5, 0.5]]))
+      >>> jxent.distillation_loss(student, teacher, reduction="none")
+      Array([0.       , 0.3680...], dtype=float32)
+      >>> float(jxent.distillation_loss(student, teacher, divergence="jsd"))  # mean
+      0.0509...
+    """
+    check_option(reduction, "reduction", REDUCTIONS)
+    options = parse_distillation_options(
+        divergence, beta, temperature, hard_weight, has_targets=targets is not None
+    )
+    student = float_logits(student_logits, "student_logits")
+    teacher = float_logits(teacher_logits, "teacher_logits")
+    if teacher.shape != student.shape:
+        raise ValueError(
+            f"teacher_logits has shape {teacher.shape} but student_logits has shape "
+            f"{student.shape}; both are [..., V] over the same positions and vocabulary"
+        )
+    ops = ClassOps(student.ndim - 1, vocab_axis_name, student.shape[-1])
+    positions = student.shape[:-1]
+    if targets is None:
+        index = None
+        counted = check_loss_mask(where, positions)
+        counted = jnp.ones(positions, bool) if counted is None else counted
+    else:
+        index, counted = class_ids(
+            targets, where, positions, ops, name="targets", ignore_index=ignore_index
+        )
+    loss, weight = distillation_core(student, teacher, counted, index, options, ops)
+    return reduce_losses(loss, weight, reduction)
