@@ -293,16 +293,20 @@ class Runtime:
         """
         abstract = [jax.ShapeDtypeStruct(s.shape, s.dtype) for s in sources]
         jax.eval_shape(fn, *abstract)
-        arrays = [
-            jax.make_array_from_callback(s.shape, NamedSharding(self.mesh, spec), s.block)
-            for s, spec in zip(sources, specs, strict=True)
-        ]
-        return jax.jit(fn)(*arrays)
+        return jax.jit(fn)(*(self.place(s, spec) for s, spec in zip(sources, specs, strict=True)))
+
+    def place(self, source: Source, spec) -> jax.Array:
+        """The global array; this process builds only the blocks of its own devices."""
+        return jax.make_array_from_callback(
+            source.shape, NamedSharding(self.mesh, spec), source.block
+        )
 
     def on_one_device(self, fn, sources: list[Source]):
         """The reference: the whole batch on this process's first device, plain ``jit``."""
-        arrays = [jax.device_put(s.full(), self.reference_device) for s in sources]
-        return jax.jit(fn)(*arrays)
+        return jax.jit(fn)(*self.on_device(sources))
+
+    def on_device(self, sources: list[Source]) -> list[jax.Array]:
+        return [jax.device_put(s.full(), self.reference_device) for s in sources]
 
     def error(self, got, want) -> float:
         """Largest |got − want| over this process's shards, relative to max |want|, all leaves."""
@@ -460,7 +464,7 @@ def nnx_optax_training(rt: Runtime, src: dict, steps: int = 3):
         optimizer.update(model, grads)
         return loss
 
-    def train(place):
+    def train(place_state, tokens, mask):
         with jax.default_device(rt.reference_device):
             model = TinyLM(nnx.Rngs(SEED))
             # SGD with momentum, linear in the gradients: Adam's g/√v turns entries
@@ -468,16 +472,23 @@ def nnx_optax_training(rt: Runtime, src: dict, steps: int = 3):
             # relative after 3 adamw steps), which says nothing about the mesh.
             optimizer = nnx.Optimizer(model, optax.sgd(0.5, momentum=0.9), wrt=nnx.Param)
         for obj in (model, optimizer):
-            nnx.update(obj, jax.tree.map(lambda x: place(np.asarray(x), P()), nnx.state(obj)))
-        tokens, mask = (place(src[k].full(), P("data")) for k in ("tokens", "mask"))
+            nnx.update(obj, place_state(jax.tree.map(np.asarray, nnx.state(obj))))
         losses = [step(model, optimizer, tokens, mask) for _ in range(steps)]
         return losses, nnx.state(model, nnx.Param)
 
-    def global_array(x, spec):  # each process hands over only its own blocks
-        return jax.make_array_from_callback(x.shape, NamedSharding(rt.mesh, spec), lambda i: x[i])
+    def replicate(state):
+        # make_array_from_callback trusts every process to hand over the same
+        # replicated values; a per-process initialisation would mix silently.
+        multihost_utils.assert_equal(state, "initial parameters differ across processes")
+        everywhere = NamedSharding(rt.mesh, P())
+        return jax.tree.map(
+            lambda x: jax.make_array_from_callback(x.shape, everywhere, lambda i: x[i]), state
+        )
 
-    got = train(global_array)
-    want = train(lambda x, spec: jax.device_put(x, rt.reference_device))
+    batch = [src["tokens"], src["mask"]]
+    got = train(replicate, *(rt.place(s, P("data")) for s in batch))
+    device = rt.reference_device
+    want = train(lambda state: jax.device_put(state, device), *rt.on_device(batch))
     losses = " → ".join(f"{float(v):.4f}" for v in want[0])
     return got, want, f"{steps} SGD-momentum steps, batch over `data`: loss {losses}"
 
