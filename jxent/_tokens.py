@@ -233,10 +233,11 @@ def token_stats_core(logits, tokens, counted, temperature, ops: ClassOps) -> Tok
     keep = counted[..., None]
     x, d, top, raw_top = _shifted(logits, keep, temperature, ops, dtype)
     e = jnp.exp(d)
-    log_total = jnp.log(ops.sum(e))
+    total = ops.sum(e)
+    log_total = jnp.log(total)
     # Σ_c p_c d_c with 0 · (−inf) = 0 for −inf logits, gated on exactly that case.
     finite_d = jnp.where(d == -jnp.inf, 0, d)
-    mean_d = ops.sum(e * finite_d) * jnp.exp(-log_total)
+    mean_d = ops.sum(e * finite_d) / total
     x_t = ops.take(x, tokens, fill=jnp.nan)
     top = top[..., 0]
     log_prob = _scaled(jnp.where(counted, x_t, 0) - top, temperature, dtype) - log_total
@@ -254,13 +255,14 @@ def _divergence(ds, dt, divergence: str, beta, ops: ClassOps):
     """Per-position divergence between ``s = softmax(ds)`` and ``t = softmax(dt)``."""
     s_inf, t_inf = ds == -jnp.inf, dt == -jnp.inf
     es, et = jnp.exp(ds), jnp.exp(dt)
-    log_ss, log_st = jnp.log(ops.sum(es)), jnp.log(ops.sum(et))
+    sum_s, sum_t = ops.sum(es), ops.sum(et)
+    log_ss, log_st = jnp.log(sum_s), jnp.log(sum_t)
     if divergence == "kl":  # Σ t (dt − ds) / St + log Ss − log St
         diff = jnp.where(t_inf, 0, dt - ds)
-        return ops.sum(et * diff) * jnp.exp(-log_st) + (log_ss - log_st)
+        return ops.sum(et * diff) / sum_t + (log_ss - log_st)
     if divergence == "reverse_kl":  # Σ s (ds − dt) / Ss + log St − log Ss
         diff = jnp.where(s_inf, 0, ds - dt)
-        return ops.sum(es * diff) * jnp.exp(-log_ss) + (log_st - log_ss)
+        return ops.sum(es * diff) / sum_s + (log_st - log_ss)
     # jsd: β KL(t‖m) + (1 − β) KL(s‖m), log m = logaddexp(log β + log t, log(1−β) + log s)
     log_s, log_t = ds - log_ss[..., None], dt - log_st[..., None]
     both = s_inf & t_inf
