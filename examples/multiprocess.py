@@ -48,6 +48,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -270,17 +271,17 @@ class Runtime:
         processes = jax.process_count()
         n = len(devices)
         data = n // vocab_shards
+        local = [[d for d in devices if d.process_index == p] for p in range(processes)]
         if vocab_shards % processes == 0:
             # Cell (i, j) belongs to process (i + j) mod P: every row and every
             # column of the grid holds devices of different processes.
-            local = {p: [d for d in devices if d.process_index == p] for p in range(processes)}
             grid = np.empty((data, vocab_shards), dtype=object)
             for i in range(data):
                 for j in range(vocab_shards):
                     grid[i, j] = local[(i + j) % processes].pop(0)
             self.layout = "interleaved: every data and vocab group spans processes"
-        else:
-            grid = np.asarray(devices).reshape(data, vocab_shards)
+        else:  # devices grouped by process: vocab groups inside a process when they fit
+            grid = np.asarray(sum(local, [])).reshape(data, vocab_shards)
             self.layout = "process-major"
         self.mesh = Mesh(grid, ("data", "vocab"))
         self.reference_device = jax.local_devices()[0]
@@ -293,7 +294,10 @@ class Runtime:
         """
         abstract = [jax.ShapeDtypeStruct(s.shape, s.dtype) for s in sources]
         jax.eval_shape(fn, *abstract)
-        return jax.jit(fn)(*(self.place(s, spec) for s, spec in zip(sources, specs, strict=True)))
+        arrays = [self.place(s, spec) for s, spec in zip(sources, specs, strict=True)]
+        compiled = jax.jit(fn).lower(*arrays).compile()
+        self.collectives = collectives(compiled.as_text())
+        return compiled(*arrays)
 
     def place(self, source: Source, spec) -> jax.Array:
         """The global array; this process builds only the blocks of its own devices."""
@@ -318,6 +322,21 @@ class Runtime:
                 diff = np.abs(np.asarray(shard.data, np.float64) - w[shard.index])
                 worst = max(worst, float(np.max(diff, initial=0.0)) / scale)
         return worst
+
+
+def collectives(hlo: str) -> str:
+    """The collectives of a compiled per-device program, with the shapes they move."""
+    found = Counter()
+    for line in hlo.splitlines():
+        match = re.search(
+            r"=\s*(.*?)\s(all-gather|all-reduce|reduce-scatter|all-to-all|collective-permute)"
+            r"(?:-start)?\(",
+            line,
+        )
+        if match:
+            shapes = ", ".join(re.findall(r"[a-z]\d+\[[\d,]*\]", match.group(1)))
+            found[f"{match.group(2)} {shapes}"] += 1
+    return "; ".join(f"{n}× {what}" for what, n in sorted(found.items())) or "none"
 
 
 # One function per check: (runtime, sources) -> (got on the mesh, reference, what to print).
@@ -376,7 +395,8 @@ def vocab_parallel_linear_cross_entropy(rt: Runtime, src: dict):
     got = rt.on_mesh(grads(sharded), specs, args)
     want = rt.on_one_device(grads(reference), args)
     shard = got[1][1].addressable_data(0).shape
-    return got, want, f"loss {float(want[0]):.6f}; kernel shard per device {shard}"
+    note = f"loss {float(want[0]):.6f}; kernel shard per device {shard}"
+    return got, want, f"{note}; collectives: {rt.collectives}"
 
 
 def per_token_check(rt: Runtime, src: dict, fn, inputs: tuple[str, ...], note: str):

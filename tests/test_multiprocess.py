@@ -71,6 +71,8 @@ def test_two_processes_match_one_device():
     assert "2 processes × 4 CPU devices, mesh {'data': 2, 'vocab': 4}" in out, out
     assert "all checks equal one device to 1e-05 on 2 processes" in out, out
     assert "FAIL" not in out, out
+    # The vocab-parallel loss moves [tokens] vectors and gradients, never the kernel or logits.
+    assert "collectives: 1× all-reduce" in out and "all-gather" not in out, out
     for name in (
         "data-parallel nll_stats + psum",
         "vocab-parallel linear_cross_entropy",
