@@ -7,6 +7,7 @@ from ._information import information_content as information_content
 from ._information import js_divergence as js_divergence
 from ._information import kl_divergence as kl_divergence
 from ._information import kl_divergence_from_logits as kl_divergence_from_logits
+from ._linear import LinearLogits as LinearLogits
 from ._linear import linear_cross_entropy as linear_cross_entropy
 from ._sequence import NLLStats as NLLStats
 from ._sequence import nll_stats as nll_stats
@@ -20,6 +21,7 @@ from ._tokens import token_stats as token_stats
 __version__ = "0.1.0"
 
 __all__ = [
+    "LinearLogits",
     "NLLStats",
     "TokenStats",
     "cross_entropy",

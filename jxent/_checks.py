@@ -321,7 +321,9 @@ def integer_targets_info(targets: jax.Array, num_classes: int, ignore_index: int
     return index, ignored, in_range
 
 
-def check_targets_in_range(targets, counted, in_range, num_classes: int, ignore_index) -> None:
+def check_targets_in_range(
+    targets, counted, in_range, num_classes: int, ignore_index, name: str = "targets"
+) -> None:
     """Eager-only: counted targets must be valid classes."""
     if not is_concrete(targets, counted):
         return
@@ -330,7 +332,72 @@ def check_targets_in_range(targets, counted, in_range, num_classes: int, ignore_
         values = np.asarray(targets)[bad]
         hint = "" if ignore_index is None else f" or ignore_index={ignore_index}"
         raise ValueError(
-            f"targets must be class indices in [0, {num_classes}){hint}; "
+            f"{name} must be class indices in [0, {num_classes}){hint}; "
             f"got {int(values.ravel()[0])} at position {tuple(int(i) for i in np.argwhere(bad)[0])}"
             f" ({int(bad.sum())} out-of-range target(s) in all)"
         )
+
+
+def _float_option(value: Any, name: str, expected: str, ok) -> Any:
+    """A Python float checked with ``ok``, or a traced real scalar (range unchecked)."""
+    v = _float_or_traced(value, name, expected)
+    if isinstance(v, float) and not ok(v):
+        raise ValueError(f"{name} must be {expected}, got {value!r}")
+    return v
+
+
+def parse_temperature(temperature: Any) -> Any:
+    """``temperature`` as a finite Python float > 0, or a traced scalar."""
+    return _float_option(
+        temperature, "temperature", "a finite float > 0", lambda v: 0 < v < math.inf
+    )
+
+
+def float_logits(logits: Any, name: str) -> jax.Array:
+    """``logits`` as a floating array with a class axis (dtype kept; cores upcast)."""
+    logits = jnp.asarray(logits)
+    if not jnp.issubdtype(logits.dtype, jnp.floating):
+        raise TypeError(
+            f"{name} must be a floating-point array of logits, got dtype {logits.dtype}"
+        )
+    if logits.ndim == 0:
+        raise ValueError(f"{name} is a scalar; it needs a class axis (the last one)")
+    return logits
+
+
+def class_ids(
+    ids: Any,
+    where: Any,
+    position_shape: tuple[int, ...],
+    ops,
+    *,
+    name: str,
+    ignore_index: int | None = None,
+) -> tuple[jax.Array, jax.Array]:
+    """Validate integer class ids and the mask; return ``(index, counted)``, both ``[positions]``.
+
+    ``index`` is int32: the class id where counted and in range, ``num_classes``
+    where counted and out of range (the cores then give NaN), 0 elsewhere.
+    Out-of-range counted ids raise ``ValueError`` when the values are concrete
+    and the vocabulary is not sharded. ``ops`` is the ``ClassOps`` of the
+    logits (it knows the global number of classes under ``vocab_axis_name``).
+    """
+    ids = as_integer_ids(ids, name)
+    if not jnp.issubdtype(ids.dtype, jnp.integer):
+        raise TypeError(
+            f"{name} must hold integer token ids, got dtype {ids.dtype}; "
+            f"use `{name}.astype(jnp.int32)`"
+        )
+    if ids.shape != tuple(position_shape):
+        raise ValueError(
+            f"{name} has shape {ids.shape} but the logits' positions have shape "
+            f"{tuple(position_shape)} ([...] for logits [..., V])"
+        )
+    ignore_index = static_int(ignore_index, "ignore_index")
+    mask = check_loss_mask(where, position_shape)
+    num_classes = ops.num_classes
+    index, ignored, in_range = integer_targets_info(ids, num_classes, ignore_index)
+    counted = ~ignored if mask is None else mask & ~ignored
+    if ops.axis_name is None:
+        check_targets_in_range(ids, counted, in_range, num_classes, ignore_index, name=name)
+    return jnp.where(counted, index, 0), counted

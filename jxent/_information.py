@@ -33,6 +33,7 @@ from ._checks import (
     float_dtype,
     to_base,
 )
+from ._reduce import nonnegative
 
 __all__ = [
     "information_content",
@@ -43,25 +44,6 @@ __all__ = [
     "entropy_from_logits",
     "kl_divergence_from_logits",
 ]
-
-
-@jax.custom_jvp
-def _nonnegative(x: jax.Array) -> jax.Array:
-    """``x`` with negative values and ``-0.0`` replaced by ``+0.0``; the tangent passes through.
-
-    Entropies and divergences are ``>= 0``, but float32 rounding gives
-    ``-2e-7`` for near-equal distributions and ``-0.0`` for degenerate ones.
-    Only the value is clamped: the derivative is that of the formula (a clamp
-    in the gradient would zero it exactly where a divergence is minimised).
-    NaN stays NaN. A ``custom_jvp``, so forward and reverse mode both work.
-    """
-    return jnp.where((x < 0) | (x == 0), jnp.zeros_like(x), x)
-
-
-@_nonnegative.defjvp
-def _nonnegative_jvp(primals, tangents):
-    (x,), (dx,) = primals, tangents
-    return _nonnegative(x), dx
 
 
 def _xlogy(x: jax.Array, y: jax.Array) -> jax.Array:
@@ -164,7 +146,7 @@ def entropy(
     """
     log_base = check_base(base)
     (p,), axis = _prepare(p, None, where, axis, names=("p",))
-    return to_base(_nonnegative(-jnp.sum(_xlogy(p, p), axis=axis)), log_base)
+    return to_base(nonnegative(-jnp.sum(_xlogy(p, p), axis=axis)), log_base)
 
 
 def cross_entropy(
@@ -236,7 +218,7 @@ def kl_divergence(
     """
     log_base = check_base(base)
     (p, q), axis = _prepare(p, q, where, axis)
-    return to_base(_nonnegative(jnp.sum(_xlogy(p, p) - _xlogy(p, q), axis=axis)), log_base)
+    return to_base(nonnegative(jnp.sum(_xlogy(p, p) - _xlogy(p, q), axis=axis)), log_base)
 
 
 def js_divergence(
@@ -271,7 +253,7 @@ def js_divergence(
     (p, q), axis = _prepare(p, q, where, axis, q_fill=0.0)
     m = 0.5 * (p + q)
     terms = 0.5 * (_xlogy(p, p) - _xlogy(p, m) + _xlogy(q, q) - _xlogy(q, m))
-    return to_base(_nonnegative(jnp.sum(terms, axis=axis)), log_base)
+    return to_base(nonnegative(jnp.sum(terms, axis=axis)), log_base)
 
 
 def _masked_log_softmax(logits: jax.Array, mask: jax.Array | None, axis: int):
@@ -341,7 +323,7 @@ def entropy_from_logits(
     mask = check_where(where, logits.shape, "where", "logits")
     log_p, p, usable = _masked_log_softmax(logits, mask, axis)
     safe_log_p = jnp.where(usable, log_p, 0)
-    return to_base(_nonnegative(-jnp.sum(p * safe_log_p, axis=axis)), log_base)
+    return to_base(nonnegative(-jnp.sum(p * safe_log_p, axis=axis)), log_base)
 
 
 def kl_divergence_from_logits(
@@ -403,7 +385,7 @@ def kl_divergence_from_logits(
     finite = has_mass & q_usable
     terms = jnp.where(finite, p * (jnp.where(finite, log_p, 0) - jnp.where(finite, log_q, 0)), 0)
     infinite = jnp.any(has_mass & ~q_usable, axis=axis)
-    kl = _nonnegative(jnp.sum(terms, axis=axis)) + jnp.where(infinite, jnp.inf, 0.0).astype(
+    kl = nonnegative(jnp.sum(terms, axis=axis)) + jnp.where(infinite, jnp.inf, 0.0).astype(
         terms.dtype
     )
     return to_base(kl, log_base)

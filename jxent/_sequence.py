@@ -11,8 +11,9 @@ import numpy as np
 from jaxtyping import Array, ArrayLike, Bool, Float, Int
 
 from ._checks import NORMALIZATIONS, as_integer_ids, check_option
+from ._chunked import LinearLogits
 from ._reduce import normalize_sequences, safe_divide
-from ._softmax import per_position_losses
+from ._softmax import loss_terms
 
 __all__ = ["sequence_nll", "nll_stats", "NLLStats", "perplexity"]
 
@@ -98,7 +99,8 @@ def check_tokens(tokens, function: str) -> jax.Array:
 def _aligned(logits, tokens, where, shift, function: str):
     """Logits, targets and mask aligned position by position."""
     shift = check_shift(shift, function)
-    logits = jnp.asarray(logits)
+    if not isinstance(logits, LinearLogits):
+        logits = jnp.asarray(logits)
     tokens = check_tokens(tokens, function)
     if logits.ndim < 2:
         raise ValueError(
@@ -118,16 +120,19 @@ def _aligned(logits, tokens, where, shift, function: str):
             )
     if shift:
         # T = 1 leaves no target: an empty result (0, zero gradient), as for N = 0.
-        logits = logits[..., :-1, :]
+        if isinstance(logits, LinearLogits):
+            logits = logits.positions((Ellipsis, slice(None, -1)))
+        else:
+            logits = logits[..., :-1, :]
         tokens = tokens[..., 1:]
         if where is not None:
             where = where[..., 1:]
     return logits, tokens, where
 
 
-def _token_losses(function, logits, tokens, shift, where, **options):
+def _token_losses(function, logits, tokens, shift, where, *, summed, **options):
     logits, tokens, where = _aligned(logits, tokens, where, shift, function)
-    return per_position_losses(logits, tokens, axis=-1, where=where, **options)
+    return loss_terms(logits, tokens, summed=summed, axis=-1, where=where, **options)
 
 
 def nll_stats(
@@ -158,12 +163,13 @@ def nll_stats(
       >>> float(stats.count), round(float(stats.perplexity()), 4)
       (2.0, 4.0)
     """
-    loss, weight = _token_losses(
+    total, count = _token_losses(
         "nll_stats",
         logits,
         tokens,
         shift,
         where,
+        summed=True,
         ignore_index=ignore_index,
         label_smoothing=label_smoothing,
         z_loss=z_loss,
@@ -171,7 +177,7 @@ def nll_stats(
         class_weights=class_weights,
         vocab_axis_name=vocab_axis_name,
     )
-    return NLLStats(total=jnp.sum(loss), count=jnp.sum(weight))
+    return NLLStats(total=total, count=count)
 
 
 def sequence_nll(
@@ -227,12 +233,14 @@ def sequence_nll(
       0.7985
     """
     check_option(normalize, "normalize", NORMALIZATIONS)
+    summed = normalize in ("tokens", "sum")
     loss, weight = _token_losses(
         "sequence_nll",
         logits,
         tokens,
         shift,
         where,
+        summed=summed,
         ignore_index=ignore_index,
         label_smoothing=label_smoothing,
         z_loss=z_loss,
@@ -240,5 +248,6 @@ def sequence_nll(
         class_weights=class_weights,
         vocab_axis_name=vocab_axis_name,
     )
+    if summed:
+        return loss if normalize == "sum" else safe_divide(loss, weight)
     return normalize_sequences(loss, weight, normalize)
-

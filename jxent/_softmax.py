@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import math
 from typing import NamedTuple
 
 import jax
@@ -26,7 +27,8 @@ from ._checks import (
     is_static_zero,
     static_int,
 )
-from ._reduce import reduce_losses
+from ._chunked import LinearLogits, chunked
+from ._reduce import safe_divide
 
 __all__ = ["softmax_cross_entropy"]
 
@@ -117,16 +119,18 @@ class ClassOps(NamedTuple):
         return x if self.axis_name is None else jax.lax.psum(x, self.axis_name)
 
 
-def _matvec(x, w, axis: int):
-    return jax.lax.dot_general(
-        x, w, (((axis,), (0,)), ((), ())), precision=jax.lax.Precision.HIGHEST
-    )
+def _weighted_sum(x, w, axis: int):
+    """``Σ_c x_c w_c`` along ``axis`` as one fused multiply-reduce (no copy of ``x``)."""
+    shape = tuple(-1 if d == axis else 1 for d in range(x.ndim))
+    return jnp.sum(x * jnp.reshape(w, shape), axis=axis)
 
 
 @functools.partial(jax.custom_jvp, nondiff_argnums=(3,))
 def _class_dot(x, w, keep, axis: int):
-    """``Σ_c x_c w_c`` along ``axis``: a matrix-vector product, one pass over ``x``.
+    """``Σ_c x_c w_c`` along ``axis``: one pass over ``x``.
 
+    ``x`` is an elementwise expression of the logits (``top − x``), which XLA
+    fuses into the reduction, so nothing of the logits' size is written.
     Positions where ``keep`` is False may hold NaN/inf in ``x``; the caller
     discards their values, and this rule keeps them out of the derivative with
     respect to ``w`` (plain autodiff would form ``Σ_n x_n · 0 = NaN``). Only
@@ -136,18 +140,18 @@ def _class_dot(x, w, keep, axis: int):
     1.1× (benchmarks/softmax_ce.py). It is a ``custom_jvp``, so forward mode and
     higher derivatives keep working.
     """
-    return _matvec(x, w, axis)
+    return _weighted_sum(x, w, axis)
 
 
 def _class_dot_jvp(axis, primals, tangents):
     x, w, keep = primals
     dx, dw, _ = tangents
-    out = _matvec(x, w, axis)
+    out = _weighted_sum(x, w, axis)
     tangent = jnp.zeros_like(out)
     if not isinstance(dx, SymbolicZero):
-        tangent = tangent + _matvec(dx, w, axis)
+        tangent = tangent + _weighted_sum(dx, w, axis)
     if not isinstance(dw, SymbolicZero):
-        tangent = tangent + _matvec(jnp.where(keep, x, 0), dw, axis)
+        tangent = tangent + _weighted_sum(jnp.where(keep, x, 0), dw, axis)
     return out, tangent
 
 
@@ -387,6 +391,107 @@ def _losses(
     return loss, weight
 
 
+def _chunk_losses(logits, targets, counted, consts, **options):
+    """The fused path's per-chunk function: the dense core on one chunk of logits."""
+    (x,) = logits
+    class_weights, traced = consts
+    return _losses(x, targets, axis=1, where=counted, class_weights=class_weights, **options,
+                   **traced)
+
+
+def _fused_losses(logits: LinearLogits, targets, *, axis, where, class_weights,
+                  vocab_axis_name, summed: bool, **options):
+    """:func:`loss_terms` for :class:`LinearLogits`: the dense core over chunks of positions."""
+    if axis not in (-1, logits.ndim - 1):
+        raise ValueError(
+            f"LinearLogits has its classes on the last axis; axis must be -1, got axis={axis}"
+        )
+    targets = as_integer_ids(targets, "targets")
+    positions = logits.shape[:-1]
+    if not jnp.issubdtype(targets.dtype, jnp.integer):
+        raise TypeError(
+            f"targets must be integer class ids with LinearLogits, got dtype {targets.dtype}; "
+            "probability targets would be the [tokens, vocab] array that LinearLogits avoids"
+        )
+    if targets.shape != positions:
+        raise ValueError(
+            f"targets has shape {targets.shape} but LinearLogits with hidden "
+            f"{tuple(logits.hidden.shape)} expects {positions} (hidden.shape[:-1])"
+        )
+    mask = check_loss_mask(where, positions)
+    num_local = logits.kernel.shape[1]
+    weights = check_class_weights(
+        class_weights, num_local, "this shard of kernel" if vocab_axis_name else "kernel"
+    )
+    num_classes = ClassOps(-1, vocab_axis_name, num_local).num_classes
+    _, ignored, in_range = integer_targets_info(targets, num_classes, options["ignore_index"])
+    counted = ~ignored if mask is None else mask & ~ignored
+    if vocab_axis_name is None:
+        check_targets_in_range(targets, counted, in_range, num_classes, options["ignore_index"])
+    static = {k: v for k, v in options.items() if not isinstance(v, jax.Array)}
+    traced = {k: v for k, v in options.items() if isinstance(v, jax.Array)}
+    n = math.prod(positions)
+    out = chunked(
+        _chunk_losses,
+        (logits,),
+        targets.reshape(n),
+        counted.reshape(n),
+        consts=(weights, traced),
+        mode="sum" if summed else "positions",
+        options=dict(static, vocab_axis_name=vocab_axis_name),
+    )
+    if summed:
+        return out
+    loss, weight = out
+    return loss.reshape(positions), weight.reshape(positions)
+
+
+def loss_terms(
+    logits,
+    targets,
+    *,
+    summed: bool,
+    axis: int = -1,
+    where=None,
+    ignore_index=-100,
+    class_weights=None,
+    label_smoothing=0.0,
+    z_loss=0.0,
+    logit_softcap=None,
+    vocab_axis_name=None,
+):
+    """Per-position ``(loss, weight)``, or with ``summed=True`` their sums over positions.
+
+    The one entry point of every cross-entropy: dense logits go through
+    :func:`per_position_losses`; :class:`LinearLogits` through the chunked
+    engine with the same core (gradient in the forward pass when summed).
+    """
+    if isinstance(logits, LinearLogits):
+        options = parse_loss_options(
+            ignore_index=ignore_index,
+            label_smoothing=label_smoothing,
+            z_loss=z_loss,
+            logit_softcap=logit_softcap,
+        )
+        return _fused_losses(
+            logits, targets, axis=axis, where=where, class_weights=class_weights,
+            vocab_axis_name=vocab_axis_name, summed=summed, **options,
+        )
+    loss, weight = per_position_losses(
+        logits,
+        targets,
+        axis=axis,
+        where=where,
+        ignore_index=ignore_index,
+        class_weights=class_weights,
+        label_smoothing=label_smoothing,
+        z_loss=z_loss,
+        logit_softcap=logit_softcap,
+        vocab_axis_name=vocab_axis_name,
+    )
+    return (jnp.sum(loss), jnp.sum(weight)) if summed else (loss, weight)
+
+
 def _take_weight(weights, index, ops: ClassOps, dtype):
     """The target class's weight ``w[t]`` (NaN for an out-of-range target)."""
     w = weights.astype(dtype)
@@ -476,9 +581,11 @@ def softmax_cross_entropy(
       Array([0.6931..., 0.2231...], dtype=float32)
     """
     check_option(reduction, "reduction", REDUCTIONS)
-    loss, weight = per_position_losses(
+    summed = reduction != "none"
+    total, weight = loss_terms(
         logits,
         targets,
+        summed=summed,
         axis=axis,
         where=where,
         ignore_index=ignore_index,
@@ -488,4 +595,6 @@ def softmax_cross_entropy(
         logit_softcap=logit_softcap,
         vocab_axis_name=vocab_axis_name,
     )
-    return reduce_losses(loss, weight, reduction)
+    if reduction == "mean":
+        return safe_divide(total, weight)
+    return total

@@ -23,21 +23,20 @@ from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from jaxtyping import Array, ArrayLike, Bool, Float, Int
 
 from ._checks import (
     REDUCTIONS,
-    _float_or_traced,
-    as_integer_ids,
+    _float_option,
     check_loss_mask,
     check_option,
+    class_ids,
     float_dtype,
-    integer_targets_info,
-    is_concrete,
-    static_int,
+    float_logits,
+    parse_temperature,
 )
-from ._reduce import reduce_losses
+from ._chunked import LinearLogits, chunked
+from ._reduce import nonnegative, reduce_losses, safe_divide
 from ._sequence import REQUIRED, _aligned
 from ._softmax import ClassOps
 
@@ -78,21 +77,6 @@ class DistillationOptions(NamedTuple):
 # --------------------------------------------------------------------------- validation
 
 
-def _float_option(value: Any, name: str, expected: str, ok) -> Any:
-    """A Python float checked with ``ok``, or a traced real scalar (range unchecked)."""
-    v = _float_or_traced(value, name, expected)
-    if isinstance(v, float) and not ok(v):
-        raise ValueError(f"{name} must be {expected}, got {value!r}")
-    return v
-
-
-def parse_temperature(temperature: Any) -> Any:
-    """``temperature`` as a finite Python float > 0, or a traced scalar."""
-    return _float_option(
-        temperature, "temperature", "a finite float > 0", lambda v: 0 < v < math.inf
-    )
-
-
 def parse_distillation_options(
     divergence: Any, beta: Any, temperature: Any, hard_weight: Any, has_targets: bool
 ) -> DistillationOptions:
@@ -118,76 +102,7 @@ def parse_distillation_options(
     return DistillationOptions(divergence, beta, temperature, hard_weight)
 
 
-def float_logits(logits: Any, name: str) -> jax.Array:
-    """``logits`` as a floating array with a class axis (dtype kept; cores upcast)."""
-    logits = jnp.asarray(logits)
-    if not jnp.issubdtype(logits.dtype, jnp.floating):
-        raise TypeError(
-            f"{name} must be a floating-point array of logits, got dtype {logits.dtype}"
-        )
-    if logits.ndim == 0:
-        raise ValueError(f"{name} is a scalar; it needs a class axis (the last one)")
-    return logits
-
-
-def class_ids(
-    ids: Any,
-    where: Any,
-    position_shape: tuple[int, ...],
-    ops: ClassOps,
-    *,
-    name: str,
-    ignore_index: int | None = None,
-) -> tuple[jax.Array, jax.Array]:
-    """Validate integer class ids and the mask; return ``(index, counted)``, both ``[positions]``.
-
-    ``index`` is int32: the class id where counted and in range, ``num_classes``
-    where counted and out of range (the cores then give NaN), 0 elsewhere.
-    Out-of-range counted ids raise ``ValueError`` when the values are concrete
-    and the vocabulary is not sharded.
-    """
-    ids = as_integer_ids(ids, name)
-    if not jnp.issubdtype(ids.dtype, jnp.integer):
-        raise TypeError(
-            f"{name} must hold integer token ids, got dtype {ids.dtype}; "
-            f"use `{name}.astype(jnp.int32)`"
-        )
-    if ids.shape != tuple(position_shape):
-        raise ValueError(
-            f"{name} has shape {ids.shape} but the logits' positions have shape "
-            f"{tuple(position_shape)} ([...] for logits [..., V])"
-        )
-    ignore_index = static_int(ignore_index, "ignore_index")
-    mask = check_loss_mask(where, position_shape)
-    num_classes = ops.num_classes
-    index, ignored, in_range = integer_targets_info(ids, num_classes, ignore_index)
-    counted = ~ignored if mask is None else mask & ~ignored
-    if ops.axis_name is None and is_concrete(ids, counted):
-        bad = np.asarray(counted) & ~np.asarray(in_range)
-        if bad.any():
-            hint = "" if ignore_index is None else f" or ignore_index={ignore_index}"
-            first = tuple(int(i) for i in np.argwhere(bad)[0])
-            raise ValueError(
-                f"{name} must be class indices in [0, {num_classes}){hint} where counted; "
-                f"got {int(np.asarray(ids)[first])} at position {first} "
-                f"({int(bad.sum())} out-of-range id(s) in all)"
-            )
-    return jnp.where(counted, index, 0), counted
-
-
 # --------------------------------------------------------------------------- cores
-
-
-@jax.custom_jvp
-def _nonnegative(x):
-    """``max(x, 0)`` with the identity derivative: removes rounding below 0 only."""
-    return jnp.maximum(x, 0)
-
-
-@_nonnegative.defjvp
-def _nonnegative_jvp(primals, tangents):
-    (x,), (dx,) = primals, tangents
-    return jnp.maximum(x, 0), dx
 
 
 def _is_one(value: Any) -> bool:
@@ -241,7 +156,7 @@ def token_stats_core(logits, tokens, counted, temperature, ops: ClassOps) -> Tok
     x_t = ops.take(x, tokens, fill=jnp.nan)
     top = top[..., 0]
     log_prob = _scaled(jnp.where(counted, x_t, 0) - top, temperature, dtype) - log_total
-    entropy = _nonnegative(log_total - mean_d)
+    entropy = nonnegative(log_total - mean_d)
     logsumexp = _scaled(top, temperature, dtype) + log_total
     return TokenStats(
         log_prob=jnp.where(counted, log_prob, 0),
@@ -303,7 +218,7 @@ def distillation_core(
     if not (static_alpha and alpha == 1.0):
         teacher = jax.lax.stop_gradient(teacher)
         _, dt, _, _ = _shifted(teacher, keep, temperature, ops, dtype)
-        soft = _nonnegative(_divergence(ds, dt, options.divergence, options.beta, ops))
+        soft = nonnegative(_divergence(ds, dt, options.divergence, options.beta, ops))
         loss = soft if targets is None else (1 - alpha) * soft
     if targets is not None and not (static_alpha and alpha == 0.0):
         # Hinton's hard term: cross-entropy of the student at temperature 1,
@@ -380,11 +295,28 @@ def token_stats(
       Array([[ True, False]], dtype=bool)
     """
     temperature = parse_temperature(temperature)
-    logits = float_logits(logits, "logits")
+    fused = isinstance(logits, LinearLogits)
+    if not fused:
+        logits = float_logits(logits, "logits")
     logits, tokens, where = _aligned(logits, tokens, where, shift, "token_stats")
-    ops = ClassOps(logits.ndim - 1, vocab_axis_name, logits.shape[-1])
-    index, counted = class_ids(tokens, where, logits.shape[:-1], ops, name="tokens")
-    return token_stats_core(logits, index, counted, temperature, ops)
+    num_local = logits.shape[-1]
+    ops = ClassOps(logits.ndim - 1, vocab_axis_name, num_local)
+    positions = logits.shape[:-1]
+    index, counted = class_ids(tokens, where, positions, ops, name="tokens")
+    if not fused:
+        return token_stats_core(logits, index, counted, temperature, ops)
+    static, traced = _split_traced(temperature=temperature)
+    n = math.prod(positions)
+    out = chunked(
+        _token_stats_chunk,
+        (logits,),
+        index.reshape(n),
+        counted.reshape(n),
+        consts=traced,
+        mode="positions",
+        options=dict(static, vocab_axis_name=vocab_axis_name),
+    )
+    return jax.tree.map(lambda x: x.reshape(positions), out)
 
 
 def distillation_loss(
@@ -465,15 +397,21 @@ def distillation_loss(
     options = parse_distillation_options(
         divergence, beta, temperature, hard_weight, has_targets=targets is not None
     )
-    student = float_logits(student_logits, "student_logits")
-    teacher = float_logits(teacher_logits, "teacher_logits")
-    if teacher.shape != student.shape:
+    fused = (isinstance(student_logits, LinearLogits), isinstance(teacher_logits, LinearLogits))
+    if fused == (False, True):
         raise ValueError(
-            f"teacher_logits has shape {teacher.shape} but student_logits has shape "
-            f"{student.shape}; both are [..., V] over the same positions and vocabulary"
+            "teacher_logits is LinearLogits but student_logits is a dense array: the fused "
+            "path differentiates LinearLogits only; pass the student as LinearLogits too"
+        )
+    student = student_logits if fused[0] else float_logits(student_logits, "student_logits")
+    teacher = teacher_logits if fused[1] else float_logits(teacher_logits, "teacher_logits")
+    if tuple(teacher.shape) != tuple(student.shape):
+        raise ValueError(
+            f"teacher_logits has shape {tuple(teacher.shape)} but student_logits has shape "
+            f"{tuple(student.shape)}; both are [..., V] over the same positions and vocabulary"
         )
     ops = ClassOps(student.ndim - 1, vocab_axis_name, student.shape[-1])
-    positions = student.shape[:-1]
+    positions = tuple(student.shape[:-1])
     if targets is None:
         index = None
         counted = check_loss_mask(where, positions)
@@ -482,5 +420,55 @@ def distillation_loss(
         index, counted = class_ids(
             targets, where, positions, ops, name="targets", ignore_index=ignore_index
         )
-    loss, weight = distillation_core(student, teacher, counted, index, options, ops)
-    return reduce_losses(loss, weight, reduction)
+    if not fused[0]:
+        loss, weight = distillation_core(student, teacher, counted, index, options, ops)
+        return reduce_losses(loss, weight, reduction)
+
+    n = math.prod(positions)
+    linears = (student, teacher) if fused[1] else (student,)
+    rows = {
+        "targets": None if index is None else index.reshape(n),
+        "teacher": None if fused[1] else teacher.reshape(n, teacher.shape[-1]),
+    }
+    static, traced = _split_traced(**options._asdict())
+    summed = reduction != "none"
+    out = chunked(
+        _distillation_chunk,
+        linears,
+        rows,
+        counted.reshape(n),
+        consts=traced,
+        mode="sum" if summed else "positions",
+        options=dict(static, vocab_axis_name=vocab_axis_name),
+        trainable=(True, False)[: len(linears)],
+    )
+    loss, weight = out
+    if reduction == "none":
+        return loss.reshape(positions)
+    return loss if reduction == "sum" else safe_divide(loss, weight)
+
+
+# --------------------------------------------------------------------------- fused
+
+
+def _split_traced(**options):
+    """Static options (hashable, for the engine's plan) and traced ones (passed as constants)."""
+    static = {k: v for k, v in options.items() if not isinstance(v, jax.Array)}
+    traced = {k: v for k, v in options.items() if isinstance(v, jax.Array)}
+    return static, traced
+
+
+def _token_stats_chunk(logits, tokens, counted, traced, *, vocab_axis_name, **static):
+    """The fused path's per-chunk function: :func:`token_stats_core` on ``[C, V]`` logits."""
+    (x,) = logits
+    ops = ClassOps(1, vocab_axis_name, x.shape[1])
+    return token_stats_core(x, tokens, counted, {**static, **traced}["temperature"], ops)
+
+
+def _distillation_chunk(logits, rows, counted, traced, *, vocab_axis_name, **static):
+    """The fused path's per-chunk function: :func:`distillation_core` on ``[C, V]`` logits."""
+    student = logits[0]
+    teacher = logits[1] if len(logits) == 2 else rows["teacher"]
+    ops = ClassOps(1, vocab_axis_name, student.shape[1])
+    options = DistillationOptions(**static, **traced)
+    return distillation_core(student, teacher, counted, rows["targets"], options, ops)

@@ -364,7 +364,8 @@ def test_bad_shapes_and_types():
         f(hidden, kernel, targets, bias=np.zeros(10, np.float32))
     with pytest.raises(
         ValueError,
-        match=r"targets has shape \(2, 4\) but hidden \(2, 5, 8\) expects \(2, 5\)",
+        match=r"targets has shape \(2, 4\) but LinearLogits with hidden \(2, 5, 8\) "
+        r"expects \(2, 5\)",
     ):
         f(hidden, kernel, np.zeros((2, 4), np.int32))
     with pytest.raises(TypeError, match="targets must be integer class indices"):

@@ -1,0 +1,538 @@
+"""The chunked engine behind every fused function: ``hidden @ kernel + bias`` one chunk at a time.
+
+:class:`LinearLogits` stands for the logits ``hidden @ kernel + bias`` without
+computing them. Every token-level function that accepts it
+(``softmax_cross_entropy``, ``sequence_nll``, ``nll_stats``, ``token_stats``,
+``distillation_loss``) runs its own dense per-position core on chunks of
+positions through :func:`chunked`, so no option is derived twice:
+
+* for each chunk of ``C`` positions, the logits of every ``LinearLogits``
+  (student and teacher are chunked together) are formed as a ``[C, V]``
+  product with float32 accumulation, and the dense core turns them into
+  per-position outputs; ``jax.vjp`` of the core gives ``∂/∂logits``, and
+  three products turn that into ``∂/∂hidden`` rows, ``∂/∂kernel`` (added in
+  place a block of classes at a time) and ``∂/∂bias``;
+* ``mode="sum"`` (reductions ``"mean"``/``"sum"``, ``nll_stats``) returns the
+  sums over positions, which are linear in the per-position outputs: a
+  differentiated call computes the gradients in the forward pass (three
+  products per chunk for one ``LinearLogits``) and the backward pass scales
+  them by the cotangent;
+* ``mode="positions"`` (``reduction="none"``, ``token_stats``, per-sequence
+  normalisation) returns per-position outputs, whose cotangents only the
+  backward pass knows: that pass recomputes each chunk's logits (four
+  products per chunk in all);
+* a call that is not differentiated runs the forward loop alone: one product
+  per chunk and ``LinearLogits``.
+
+Memory: a chunk's ``[C, V]`` logits (one array per ``LinearLogits``) and
+their gradient, plus the gradients themselves; nothing of size ``N × V``.
+
+Why token chunks (measured on the project's shared 2-core x86 CPU, float32,
+forward + backward, ``N, D, V = 4096, 512, 32768``): materialised
+``softmax_cross_entropy(h @ kernel)`` 4.02 s; token chunks (``C = 256`` /
+``512``) 3.83 s / 3.93 s; vocabulary blocks with an online log-sum-exp and a
+recomputing backward pass (four products) 4.72 s (blocks of 1024 classes),
+4.23 s (4096). One ``[N, D] @ [D, V]`` product alone takes 0.65 s: on CPU the
+loss is bound by its products, so three beat four, and token chunks run the
+dense core as it is, where vocabulary blocks would need every option
+rewritten as an online reduction.
+
+The default chunk (:func:`default_chunk_size`) is ``min(2**25 / V, N / 32)``
+positions, at least 192, where ``V`` counts the classes of every
+``LinearLogits`` chunked together: at most 128 MiB of float32 logits, and
+temporaries about ``1/32`` of the materialised ones. Chunk size ``C``,
+time ÷ materialised, at ``N, D, V = 4096, 512, 32768``: ``C = 128``: 1.02,
+192: 0.92, 256: 0.90, 512: 0.87; at ``2048, 1024, 131072``: 128: 1.19, 192:
+1.07, 256: 0.96 — each chunk streams the kernel twice and its gradient once,
+and below ~200 positions that traffic sets the pace. The compiled memory
+figures of the fused functions are printed by ``benchmarks/linear_ce.py``
+and ``benchmarks/token_level.py``.
+
+Three details keep the temporaries small and flat in ``N``: the last chunk is
+moved back to end at ``N`` instead of padding (no copy of ``hidden``),
+outputs are written in place into the loop's carries, and ``h_c.T @ g`` is
+formed and added a block of classes at a time.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from functools import partial
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+from ._checks import float_dtype, static_int
+from ._mesh import cotangent_like, loop, make_varying, varying_axes
+
+__all__ = ["LinearLogits", "chunked", "default_chunk_size"]
+
+# The default chunk: at most this many logits (128 MiB in float32) and this
+# fraction of the positions, but at least this many positions.
+_CHUNK_ELEMENTS = 1 << 25
+_MIN_CHUNKS = 32
+_MIN_CHUNK = 192
+# The product added into the kernel's gradient is formed this many elements at a time.
+_BLOCK_ELEMENTS = 1 << 22
+
+
+@jax.tree_util.register_pytree_node_class
+class LinearLogits:
+    """The logits ``hidden @ kernel + bias``, never materialised.
+
+    Pass it wherever a token-level function takes ``logits`` with the class
+    axis last: ``softmax_cross_entropy`` (integer targets), ``sequence_nll``,
+    ``nll_stats``, ``token_stats`` and either argument of
+    ``distillation_loss``. Values and gradients (for ``hidden``, ``kernel``
+    and ``bias``) equal those of the same call on the materialised
+    ``hidden @ kernel + bias``; memory is one chunk of positions × ``V``.
+
+    Args:
+      hidden: ``[..., D]`` hidden states, any float dtype; the leading axes are
+        the positions (``[..., T]`` for the sequence functions).
+      kernel: ``[D, V]``, the Flax ``nnx.Linear``/``nn.Dense`` layout. A tied
+        embedding table ``[V, D]`` (or a PyTorch ``nn.Linear`` weight) is
+        passed as ``emb.T`` (XLA:CPU then makes one transposed copy of the
+        table per call, outside the loop).
+      bias: ``[V]`` or ``None``.
+      chunk_size: positions per chunk (static); ``None`` takes
+        ``min(2**25 / V, N / 32)``, at least 192 and at most ``N``. It changes
+        speed and memory, not the result (beyond float rounding).
+
+    Inside ``shard_map`` with ``vocab_axis_name``, ``kernel`` and ``bias`` are
+    this device's shard of the classes (``V / shards`` consecutive classes).
+
+    Forward-mode differentiation is not available through it: the fused
+    functions are a ``jax.custom_vjp``.
+
+    Examples:
+      >>> import jax, jax.numpy as jnp, jxent
+      >>> hidden = jax.random.normal(jax.random.key(0), (6, 4))
+      >>> kernel = jax.random.normal(jax.random.key(1), (4, 10))
+      >>> targets = jnp.array([1, 2, 3, -100, 5, 9])
+      >>> fused = jxent.softmax_cross_entropy(jxent.LinearLogits(hidden, kernel), targets)
+      >>> bool(jnp.allclose(fused, jxent.softmax_cross_entropy(hidden @ kernel, targets)))
+      True
+    """
+
+    def __init__(self, hidden, kernel, bias=None, *, chunk_size: int | None = None):
+        hidden, kernel = jnp.asarray(hidden), jnp.asarray(kernel)
+        for name, x in (("hidden", hidden), ("kernel", kernel)):
+            if not jnp.issubdtype(x.dtype, jnp.floating):
+                raise TypeError(f"{name} must be a floating-point array, got dtype {x.dtype}")
+        if hidden.ndim == 0:
+            raise ValueError("hidden is a scalar; expected [..., D] hidden states")
+        if kernel.ndim != 2 or kernel.shape[0] != hidden.shape[-1]:
+            raise ValueError(
+                f"kernel has shape {kernel.shape} but hidden {hidden.shape} expects "
+                f"({hidden.shape[-1]}, V): the [D, V] Dense layout (pass a tied "
+                "embedding table [V, D] as emb.T)"
+            )
+        if kernel.shape[1] == 0:
+            raise ValueError(f"kernel has shape {kernel.shape}: 0 classes")
+        if bias is not None:
+            bias = jnp.asarray(bias)
+            if not jnp.issubdtype(bias.dtype, jnp.floating):
+                raise TypeError(f"bias must be a floating-point array, got dtype {bias.dtype}")
+            if bias.shape != (kernel.shape[1],):
+                raise ValueError(
+                    f"bias has shape {bias.shape} but kernel {kernel.shape} has "
+                    f"{kernel.shape[1]} classes; expected ({kernel.shape[1]},)"
+                )
+        chunk_size = static_int(chunk_size, "chunk_size")
+        if chunk_size is not None and chunk_size < 1:
+            raise ValueError(f"chunk_size must be None or a positive int, got {chunk_size!r}")
+        self.hidden, self.kernel, self.bias, self.chunk_size = hidden, kernel, bias, chunk_size
+
+    def tree_flatten(self):
+        return (self.hidden, self.kernel, self.bias), self.chunk_size
+
+    @classmethod
+    def tree_unflatten(cls, chunk_size, children):
+        # No validation: JAX rebuilds pytrees with placeholders (tracers, None, objects).
+        out = object.__new__(cls)
+        out.hidden, out.kernel, out.bias = children
+        out.chunk_size = chunk_size
+        return out
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        """The shape of the logits it stands for: ``hidden.shape[:-1] + (V,)``."""
+        return tuple(self.hidden.shape[:-1]) + (self.kernel.shape[1],)
+
+    @property
+    def ndim(self) -> int:
+        return len(self.shape)
+
+    @property
+    def dtype(self):
+        """The dtype the logits are computed in (float32, or float64 under x64)."""
+        return float_dtype(self.hidden.dtype, self.kernel.dtype)
+
+    def positions(self, index) -> LinearLogits:
+        """The same head on a subset of positions: ``index`` indexes ``hidden.shape[:-1]``.
+
+        ``logits.positions((..., slice(None, -1)))`` stands for ``logits[..., :-1, :]``.
+        """
+        index = index if isinstance(index, tuple) else (index,)
+        hidden = self.hidden[index + (slice(None),)]
+        return LinearLogits(hidden, self.kernel, self.bias, chunk_size=self.chunk_size)
+
+    def __repr__(self) -> str:
+        bias = "None" if self.bias is None else f"{tuple(self.bias.shape)}"
+        return (
+            f"LinearLogits(hidden={tuple(self.hidden.shape)}, kernel={tuple(self.kernel.shape)}, "
+            f"bias={bias}, chunk_size={self.chunk_size})"
+        )
+
+
+def default_chunk_size(num_tokens: int, num_classes: int) -> int:
+    """Positions per chunk when ``chunk_size=None``.
+
+    ``min(2**25 / V, N / 32)``, but at least 192 (and at most ``N``), rounded
+    down to a multiple of 8. The first bound caps the chunk's logits at
+    128 MiB; the second keeps the temporaries near 1/32 of what the
+    materialised logits and their gradient would take; the floor keeps the
+    products efficient.
+    """
+    chunk = min(_CHUNK_ELEMENTS // max(num_classes, 1), num_tokens // _MIN_CHUNKS)
+    chunk = max(_MIN_CHUNK, chunk // 8 * 8)
+    return max(1, min(chunk, num_tokens))
+
+
+class _Plan(NamedTuple):
+    """The static part of one fused call (hashable: a ``nondiff_argnums`` argument)."""
+
+    core: Callable
+    options: tuple
+    chunk: int
+    trainable: tuple
+    positions: int
+
+
+# --- one chunk ------------------------------------------------------------------------
+
+
+def _chunk_start(plan: _Plan, i):
+    """The first position of chunk ``i`` and which of its positions are new.
+
+    The last chunk is moved back to end at ``N`` (no padding, no copy of
+    ``hidden``); its positions already covered by the previous chunk are
+    masked out there, and their outputs kept from the earlier chunk.
+    """
+    start = jnp.minimum(i * plan.chunk, plan.positions - plan.chunk)
+    fresh = start + jnp.arange(plan.chunk) >= i * plan.chunk
+    return start, fresh
+
+
+def _rows(x, start, size):
+    return jax.lax.dynamic_slice_in_dim(x, start, size)
+
+
+def _chunk_logits(linear, start, size, mask):
+    """``h @ kernel + bias`` for one chunk; rows not counted are zeroed first (NaN-safe)."""
+    hidden, kernel, bias = linear
+    acc = float_dtype(hidden.dtype, kernel.dtype)
+    h = jnp.where(mask[:, None], _rows(hidden, start, size), 0)
+    logits = jnp.dot(h, kernel, preferred_element_type=acc)
+    if bias is not None:
+        logits = logits + bias.astype(acc)[None, :]
+    return h, logits
+
+
+def _write(out, value, start, fresh):
+    """``out[start:start + C] = value`` at the ``fresh`` positions."""
+    old = jax.lax.dynamic_slice_in_dim(out, start, value.shape[0])
+    fresh = jnp.reshape(fresh, fresh.shape + (1,) * (value.ndim - 1))
+    return jax.lax.dynamic_update_slice_in_dim(out, jnp.where(fresh, value, old), start, 0)
+
+
+def _accumulate_outer(d_kernel, h, g, acc):
+    """``d_kernel + h.T @ g`` for ``h [C, D]`` and ``g [C, V]``, updated in place.
+
+    One ``[D, V]`` product would need a second ``[D, V]`` buffer before the
+    addition. A loop over blocks of classes (a loop: XLA computes unrolled
+    products up front and holds them all) bounds that buffer by the smaller
+    of one chunk's logits and ``_BLOCK_ELEMENTS`` (16 MiB in float32), which
+    measured as fast as one product.
+    """
+    c, d = h.shape
+    v = d_kernel.shape[1]
+    width = min(v, max(1, min(v * c, _BLOCK_ELEMENTS) // d))
+    full = v // width
+
+    def add_block(lo, d_kernel, size):
+        part = jax.lax.dynamic_slice_in_dim(d_kernel, lo, size, axis=1)
+        g_part = jax.lax.dynamic_slice_in_dim(g, lo, size, axis=1)
+        part = part + jnp.dot(h.T, g_part, preferred_element_type=acc)
+        return jax.lax.dynamic_update_slice_in_dim(d_kernel, part, lo, axis=1)
+
+    d_kernel = loop(full, lambda j, dk: add_block(j * width, dk, width), d_kernel)
+    if full * width < v:
+        d_kernel = add_block(full * width, d_kernel, v - full * width)
+    return d_kernel
+
+
+def _grad_init(linears, trainable):
+    """Zero gradients (``d_hidden``, ``d_kernel``, ``d_bias``) for each trainable linear."""
+    out = []
+    for (hidden, kernel, bias), train in zip(linears, trainable, strict=True):
+        if not train:
+            out.append(None)
+            continue
+        acc = float_dtype(hidden.dtype, kernel.dtype)
+        out.append(
+            (
+                jnp.zeros(hidden.shape, acc),
+                jnp.zeros(kernel.shape, acc),
+                None if bias is None else jnp.zeros(bias.shape, acc),
+            )
+        )
+    return tuple(out)
+
+
+def _float_leaves(tree) -> list[bool]:
+    return [jnp.issubdtype(x.dtype, jnp.inexact) for x in jax.tree.leaves(tree)]
+
+
+def _chunk_step(plan: _Plan, i, linears, rows, counted, consts, ct=None, grads=None):
+    """Chunk ``i``: its outputs, and with ``ct`` the gradients of ``Σ ct · outputs`` added in.
+
+    ``ct`` is a pytree of ``[N]`` cotangents for the core's floating outputs
+    (``None`` for a forward-only pass).
+    """
+    size = plan.chunk
+    start, fresh = _chunk_start(plan, i)
+    m = _rows(counted, start, size) & fresh
+    inputs = [_chunk_logits(lin, start, size, m) for lin in linears]
+    logits = tuple(x for _, x in inputs)
+    rows_c = jax.tree.map(lambda r: _rows(r, start, size), rows)
+    options = dict(plan.options)
+
+    def core(*trained):
+        it = iter(trained)
+        full = tuple(next(it) if t else x for x, t in zip(logits, plan.trainable, strict=True))
+        return plan.core(full, rows_c, m, consts, **options)
+
+    if ct is None:
+        return start, fresh, core(*[x for x, t in zip(logits, plan.trainable, strict=True) if t])
+
+    trained = [x for x, t in zip(logits, plan.trainable, strict=True) if t]
+    outputs, pull = jax.vjp(core, *trained)
+    leaves, treedef = jax.tree.flatten(outputs)
+    ct_leaves = iter(jax.tree.leaves(ct))
+    cts = []
+    for leaf, is_float in zip(leaves, _float_leaves(outputs), strict=True):
+        if is_float:
+            c = _rows(next(ct_leaves), start, size).astype(leaf.dtype)
+            cts.append(make_varying(c, varying_axes(leaf)))
+        else:
+            cts.append(jnp.zeros(leaf.shape, jax.dtypes.float0))
+    d_logits = iter(pull(jax.tree.unflatten(treedef, cts)))
+    new_grads = []
+    for (h, _), lin, train, g_acc in zip(inputs, linears, plan.trainable, grads, strict=True):
+        if not train:
+            new_grads.append(None)
+            continue
+        _, kernel, bias = lin
+        d_hidden, d_kernel, d_bias = g_acc
+        acc = d_kernel.dtype
+        g_logits = next(d_logits)
+        g = g_logits.astype(jnp.result_type(h.dtype, kernel.dtype))
+        d_h = jnp.dot(g, kernel.T, preferred_element_type=acc)
+        d_hidden = _write(d_hidden, d_h, start, fresh)
+        d_kernel = _accumulate_outer(d_kernel, h.astype(g.dtype), g, acc)
+        if d_bias is not None:
+            d_bias = d_bias + jnp.sum(g_logits, axis=0).astype(acc)
+        new_grads.append((d_hidden, d_kernel, d_bias))
+    return start, fresh, outputs, tuple(new_grads)
+
+
+def _output_init(plan: _Plan, linears, rows, counted, consts):
+    """Zero ``[N]`` carries shaped like the core's per-position outputs."""
+    shapes = jax.eval_shape(lambda: _chunk_step(plan, 0, linears, rows, counted, consts)[2])
+    n = plan.positions
+    return jax.tree.map(lambda s: jnp.zeros((n,) + s.shape[1:], s.dtype), shapes)
+
+
+def _forward(plan: _Plan, linears, rows, counted, consts):
+    """Per-position outputs, one chunk at a time; forward work only."""
+
+    def body(i, out):
+        start, fresh, outputs = _chunk_step(plan, i, linears, rows, counted, consts)
+        return jax.tree.map(lambda o, v: _write(o, v, start, fresh), out, outputs)
+
+    init = _output_init(plan, linears, rows, counted, consts)
+    return loop(_num_chunks(plan), body, init)
+
+
+def _forward_backward(plan: _Plan, linears, rows, counted, consts, ct):
+    """Per-position outputs and the gradients of ``Σ ct · outputs``, one chunk at a time."""
+
+    def body(i, carry):
+        out, grads = carry
+        start, fresh, outputs, grads = _chunk_step(
+            plan, i, linears, rows, counted, consts, ct, grads
+        )
+        out = jax.tree.map(lambda o, v: _write(o, v, start, fresh), out, outputs)
+        return out, grads
+
+    init = (
+        _output_init(plan, linears, rows, counted, consts),
+        _grad_init(linears, plan.trainable),
+    )
+    return loop(_num_chunks(plan), body, init)
+
+
+def _num_chunks(plan: _Plan) -> int:
+    return -(-plan.positions // plan.chunk) if plan.positions else 0
+
+
+def _cotangents(plan: _Plan, linears, grads, scale=None):
+    """Cotangents for the ``linears`` argument, in the primals' dtypes and mesh variance."""
+    out = []
+    for lin, train, g in zip(linears, plan.trainable, grads, strict=True):
+        if not train:
+            out.append(jax.tree.map(jnp.zeros_like, lin))
+            continue
+        cts = []
+        for primal, grad in zip(lin, g, strict=True):
+            if primal is None:
+                cts.append(None)
+                continue
+            if scale is not None:
+                grad = scale * grad
+            cts.append(cotangent_like(grad, primal).astype(primal.dtype))
+        out.append(tuple(cts))
+    return tuple(out)
+
+
+# --- mode "positions": per-position outputs, recomputed in the backward pass ----------
+
+
+@partial(jax.custom_vjp, nondiff_argnums=(0,))
+def _positions(plan: _Plan, linears, rows, counted, consts):
+    return _forward(plan, linears, rows, counted, consts)
+
+
+def _positions_fwd(plan: _Plan, linears, rows, counted, consts):
+    out = _forward(plan, linears, rows, counted, consts)
+    return out, (linears, rows, counted, consts)
+
+
+def _positions_bwd(plan: _Plan, residuals, ct):
+    linears, rows, counted, consts = residuals
+    float_ct = [c for c, f in zip(jax.tree.leaves(ct), _float_leaves(ct), strict=True) if f]
+    _, grads = _forward_backward(plan, linears, rows, counted, consts, float_ct)
+    return _cotangents(plan, linears, grads), None, None, None
+
+
+_positions.defvjp(_positions_fwd, _positions_bwd)
+
+
+# --- mode "sum": sums over positions, gradients computed in the forward pass ----------
+
+
+def _sums(out):
+    loss, aux = out
+    return jnp.sum(loss), jax.tree.map(lambda a: jnp.sum(a, axis=0), aux)
+
+
+@partial(jax.custom_vjp, nondiff_argnums=(0,))
+def _summed(plan: _Plan, linears, rows, counted, consts):
+    return _sums(_forward(plan, linears, rows, counted, consts))
+
+
+def _summed_fwd(plan: _Plan, linears, rows, counted, consts):
+    loss, aux = jax.eval_shape(lambda: _output_init(plan, linears, rows, counted, consts))
+    # The gradient of Σ loss; the auxiliary outputs get a zero cotangent.
+    ct = [jnp.ones(loss.shape, loss.dtype)] + [
+        jnp.zeros(s.shape, s.dtype)
+        for s, f in zip(jax.tree.leaves(aux), _float_leaves(aux), strict=True)
+        if f
+    ]
+    out, grads = _forward_backward(plan, linears, rows, counted, consts, ct)
+    return _sums(out), (linears, grads)
+
+
+def _summed_bwd(plan: _Plan, residuals, ct):
+    linears, grads = residuals
+    ct_loss, _ = ct  # the auxiliary sums (counts, weights) do not depend on the logits
+    return _cotangents(plan, linears, grads, scale=ct_loss), None, None, None
+
+
+_summed.defvjp(_summed_fwd, _summed_bwd)
+
+
+# --- the entry point -----------------------------------------------------------------------
+
+
+def chunked(
+    core: Callable,
+    logits: tuple[LinearLogits, ...],
+    rows: Any,
+    counted: jax.Array,
+    consts: Any = None,
+    *,
+    mode: str,
+    options: dict | None = None,
+    trainable: tuple[bool, ...] | None = None,
+):
+    """Run a dense per-position ``core`` over chunks of positions of fused logits.
+
+    Args:
+      core: a module-level function ``core(logits, rows, counted, consts,
+        **options)``: ``logits`` a tuple of ``[C, V]`` arrays (one per
+        ``LinearLogits``), ``rows`` the pytree of per-position inputs sliced to
+        the chunk, ``counted`` ``[C]`` bool (positions outside it must give
+        0 with zero gradient), ``consts`` passed through. It returns
+        per-position outputs ``[C, ...]``; with ``mode="sum"``, a pair
+        ``(loss, aux)`` whose ``aux`` does not depend on the logits.
+      logits: the ``LinearLogits`` to chunk together, all with the same
+        positions (``hidden.shape[:-1]``), flattened here to ``[N]``.
+      rows: a pytree of ``[N, ...]`` arrays (targets, masks, dense teacher
+        logits): sliced per chunk, never differentiated.
+      counted: ``[N]`` bool; hidden rows not counted are zeroed before the
+        products, so NaN/inf there reach neither values nor gradients.
+      consts: a pytree passed to every chunk as it is (class weights, traced
+        coefficients); no gradient flows to it.
+      mode: ``"positions"`` (per-position outputs ``[N, ...]``) or ``"sum"``
+        (``(Σ loss, Σ aux)``).
+      options: static keyword options of ``core`` (hashable values).
+      trainable: per ``LinearLogits``, whether it gets gradients (a teacher
+        does not); default all.
+
+    Returns:
+      As ``mode`` says.
+    """
+    n = counted.shape[0]
+    if n == 0:
+        # Nothing to chunk: the core on the (empty) materialised logits.
+        dense = tuple(
+            jnp.dot(
+                jnp.reshape(lin.hidden, (0, lin.hidden.shape[-1])), lin.kernel,
+                preferred_element_type=lin.dtype,
+            )
+            + (0 if lin.bias is None else lin.bias.astype(lin.dtype))
+            for lin in logits
+        )
+        out = core(dense, rows, counted, consts, **(options or {}))
+        return _sums(out) if mode == "sum" else out
+    num_classes = sum(lin.kernel.shape[1] for lin in logits)
+    sizes = {lin.chunk_size for lin in logits} - {None}
+    chunk = min(sizes) if sizes else default_chunk_size(n, num_classes)
+    chunk = max(1, min(chunk, n))
+    if trainable is None:
+        trainable = (True,) * len(logits)
+    plan = _Plan(core, tuple(sorted((options or {}).items())), chunk, tuple(trainable), n)
+    linears = tuple(
+        (lin.hidden.reshape(n, lin.hidden.shape[-1]), lin.kernel, lin.bias) for lin in logits
+    )
+    consts = jax.lax.stop_gradient(consts)
+    if mode == "sum":
+        return _summed(plan, linears, rows, counted, consts)
+    if mode == "positions":
+        return _positions(plan, linears, rows, counted, consts)
+    raise ValueError(f"mode must be 'sum' or 'positions', got {mode!r}")
+
