@@ -1,5 +1,6 @@
 """jxent: exact, fast information theory for language-model training in JAX."""
 
+from ._distillation import distillation_loss as distillation_loss
 from ._information import cross_entropy as cross_entropy
 from ._information import entropy as entropy
 from ._information import entropy_from_logits as entropy_from_logits
@@ -15,7 +16,6 @@ from ._sequence import perplexity as perplexity
 from ._sequence import sequence_nll as sequence_nll
 from ._softmax import softmax_cross_entropy as softmax_cross_entropy
 from ._tokens import TokenStats as TokenStats
-from ._tokens import distillation_loss as distillation_loss
 from ._tokens import token_stats as token_stats
 
 __version__ = "0.1.0"

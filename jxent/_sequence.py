@@ -11,7 +11,7 @@ import numpy as np
 from jaxtyping import Array, ArrayLike, Bool, Float, Int
 
 from ._checks import NORMALIZATIONS, as_integer_ids, check_option
-from ._chunked import LinearLogits
+from ._linear import LinearLogits
 from ._reduce import normalize_sequences, safe_divide
 from ._softmax import loss_terms
 
