@@ -226,12 +226,14 @@ def linear_cross_entropy(
     Both ``check_vma=True`` (the default) and ``False`` give these gradients.
 
     Differences from ``softmax_cross_entropy``: integer targets only;
-    ``class_weights`` gets no gradient; no forward-mode differentiation. Rows
+    ``class_weights`` and traced ``label_smoothing``/``z_loss`` are constants
+    here (no gradient flows to them); no forward-mode differentiation. Rows
     of ``hidden`` at positions that are not counted never reach the value or
     any gradient, even when they hold NaN (they are zeroed before the product).
 
     Out-of-range integer targets (other than ``ignore_index``): eager calls
-    raise ``ValueError``; under ``jit`` that position's loss is NaN.
+    raise ``ValueError``; under ``jit`` that position's loss is NaN and so are
+    the gradients it reaches (a training step never silently drops a target).
 
     Examples:
       >>> import jax, jax.numpy as jnp, jxent

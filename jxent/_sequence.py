@@ -204,9 +204,15 @@ def sequence_nll(
     with the same options.
 
     Args:
-      logits: ``[..., T, V]``.
+      logits: ``[..., T, V]``, or a :class:`jxent.LinearLogits` with hidden
+        ``[..., T, D]`` (the fused path: same value and gradients, no
+        ``[tokens, V]`` array; ``shift=True`` slices the hidden positions).
       tokens: ``[..., T]`` integer token ids.
-      shift: causal shift (see above).
+      shift: required, no default: ``True`` for causal LM logits,
+        ``False`` for logits already aligned with ``tokens`` (e.g. after
+        ``logits[:, :-1]`` and ``tokens[:, 1:]``; a default would silently
+        shift those twice). With ``T = 1`` and ``shift=True`` there is no
+        target: the result is empty (0, zero gradient).
       where: ``[..., T]`` boolean loss mask on target positions (padding,
         prompt tokens); False = not counted. Aligned with ``tokens``.
       ignore_index: tokens equal to it are not counted (``None`` disables).

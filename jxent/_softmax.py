@@ -400,11 +400,15 @@ def softmax_cross_entropy(
       axis: the class axis (PyTorch's ``[N, C, d1, ...]`` layout is ``axis=1``).
       where: boolean, the targets' positions; False positions are not counted.
       ignore_index: integer targets equal to it are not counted (``None``
-        disables it). Not allowed with probability targets.
+        disables it). Not allowed with probability targets. A static Python
+        (or NumPy) int: under ``jit`` close over it or mark it static.
       class_weights: ``[C]`` weight per class (PyTorch's ``weight``).
-      label_smoothing: ``ε`` in ``[0, 1]``.
+      label_smoothing: ``ε`` in ``[0, 1]``: a Python float, or a traced scalar
+        (a schedule under ``jit``: no recompilation per value; the range is
+        checked when the value is concrete).
       z_loss: coefficient of the PaLM auxiliary ``lse²`` term (not weighted by
-        ``class_weights``; reduced with the same denominator).
+        ``class_weights``; reduced with the same denominator); a Python float
+        or a traced scalar, like ``label_smoothing``.
       logit_softcap: ``c`` replaces logits with ``c · tanh(logits / c)`` first
         (Gemma 2); its gradient includes ``tanh'``.
       reduction: ``"mean"``, ``"sum"`` or ``"none"``.
@@ -424,9 +428,20 @@ def softmax_cross_entropy(
         the gradient.
 
     Out-of-range integer targets (other than ``ignore_index``): eager calls
-    raise ``ValueError``; under ``jit`` that position's loss is NaN (never a
-    wrapped or clipped class) and ``jax.experimental.checkify`` with
-    ``index_checks`` reports the out-of-bounds gather.
+    raise ``ValueError`` (so does an int64 NumPy id that JAX's int32 would
+    wrap); under ``jit`` that position's loss is NaN (never a wrapped or
+    clipped class), its gradient is NaN too (a ``value_and_grad`` step never
+    trains on a silently dropped target), and ``jax.experimental.checkify``
+    with ``index_checks`` reports the out-of-bounds gather.
+
+    Fused logits: ``logits`` may be a :class:`jxent.LinearLogits` (integer
+    targets, ``axis=-1``): the same value and gradients for its ``hidden``,
+    ``kernel`` and ``bias``, without the ``[positions, classes]`` array
+    (``class_weights`` and traced coefficients are constants there).
+
+    Precision: ``−log p_t = (max − x_t) + log Σ exp(x − max)`` keeps every
+    quantity shifted, as PyTorch and optax do, so large logits (``1e4``) lose
+    no digits; label smoothing is computed the same way.
 
     Examples:
       >>> import jax.numpy as jnp, jxent
