@@ -80,6 +80,12 @@ def check_shift(shift, function: str) -> bool:
             "predicts tokens[..., t + 1]) or shift=False for logits already aligned with "
             "their targets (e.g. after logits[:, :-1] and tokens[:, 1:])"
         )
+    if isinstance(shift, jax.core.Tracer):
+        raise TypeError(
+            f"shift must be a static Python bool, got a traced value: under jax.jit mark it "
+            f"static, jax.jit({function}, static_argnames=('shift',)), or pass a Python bool "
+            "from a closure"
+        )
     if not isinstance(shift, (bool, np.bool_)):
         raise TypeError(f"shift must be True or False, got {shift!r}")
     return bool(shift)

@@ -432,6 +432,8 @@ def test_shift_is_required_and_says_which_to_pass():
             f(logits[:, :-1], tokens[:, 1:])
         with pytest.raises(TypeError, match="shift must be True or False, got 1"):
             f(logits, tokens, shift=1)
+        with pytest.raises(TypeError, match=re.escape("static_argnames=('shift',)")):
+            jax.jit(f)(logits, tokens, shift=True)
 
 
 def test_float_tokens_are_named_as_tokens_with_the_users_shape():
