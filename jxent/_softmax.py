@@ -237,15 +237,22 @@ def _losses(
             loss = w_target * nll
             weight = jnp.where(counted, w_target, 0)
         if smoothing:
-            # Σ_c w_c (−log p_c) = log_sum · Σ_c w_c + Σ_c w_c (top − x_c): one
-            # reduction over the raw logits (shifted, so nothing cancels),
-            # sanitised per position afterwards.
-            shifted = top - x
+            # Σ_c w_c (−log p_c) = log_sum · W + Σ_c w_c (top − x_c), W = Σ_c w_c,
+            # with Σ_c w_c (top − x_c) = W (top − r) − Σ_c w_c (x_c − r) for a
+            # reference r = x_t (the target logit, gathered before any pass, so
+            # the sum is one reduction fused with the max's pass over the raw
+            # logits; shifting by top would cost another pass). Nothing large
+            # cancels: |top − r| also appears in the loss as w_t (top − x_t).
+            ref = jnp.where(jnp.isfinite(target_logit), target_logit, top_vec)
+            ref = jax.lax.stop_gradient(ref)  # r cancels: only its value matters
+            shifted = x - jnp.expand_dims(ref, axis)
             if weights is None:
-                total_w, gap = float(num_classes), ops.sum(shifted)
+                total_w = float(num_classes)
+                gap = total_w * (top_vec - ref) - ops.sum(shifted)
             else:
                 w = weights.astype(dtype)
-                total_w, gap = ops.sum_classes(w), ops.dot(shifted, w, keep)
+                total_w = ops.sum_classes(w)
+                gap = total_w * (top_vec - ref) - ops.dot(shifted, w, keep)
             gap = jnp.where(counted, gap, 0)
             smooth = (log_sum * total_w + gap) / num_classes
             loss = (1.0 - label_smoothing) * loss + label_smoothing * smooth

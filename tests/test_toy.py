@@ -278,7 +278,7 @@ def test_apply_is_a_row_lookup_and_lm_loss_is_sequence_nll(rng):
     logits = toy.apply(params, corpus.tokens)
     chex.assert_shape(logits, (8, 16, V))
     np.testing.assert_array_equal(logits[3, 4], params["logits"][corpus.tokens[3, 4]])
-    expected = jax.jit(functools.partial(jxent.sequence_nll, normalize="sum"))(
+    expected = jax.jit(functools.partial(jxent.sequence_nll, normalize="sum", shift=True))(
         logits, corpus.tokens, where=corpus.mask
     )
     chex.assert_trees_all_close(_jit(toy.lm_loss, "sum")(params, corpus), expected)
