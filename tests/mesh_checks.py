@@ -12,7 +12,10 @@ script prints one line per check, then every failure with its case, and exits
 Groups: ``softmax`` (vocab-parallel ``softmax_cross_entropy``, every option
 and reduction), ``data`` (data-parallel ``nll_stats`` + ``psum``, and the
 two-axis mesh), ``linear`` (vocab-parallel ``linear_cross_entropy``: values,
-gradients, compiled HLO and memory), ``errors``.
+gradients, compiled HLO and memory), ``fused`` (every function taking
+``LinearLogits`` -- ``softmax_cross_entropy``, ``sequence_nll``,
+``nll_stats``, ``token_stats``, ``distillation_loss`` -- on a ``vocab`` and a
+``data`` × ``vocab`` mesh, with NaN in masked hidden rows), ``errors``.
 """
 
 from __future__ import annotations
@@ -23,7 +26,10 @@ import re
 import sys
 import time
 import traceback
+import zlib
+from collections.abc import Callable
 from functools import partial
+from typing import NamedTuple
 
 import chex
 import jax
@@ -856,6 +862,423 @@ def linear_communication_and_memory():
             temp = compiled.memory_analysis().temp_size_in_bytes
             print(f"  {k} shards: temp {temp} B per device, one device {single_temp} B")
             assert temp <= 1.5 * single_temp / k, (temp, single_temp)
+
+
+# ----------------------------------------------------------------------------- fused
+
+FB, FT, FD, FV = 4, 7, 6, 32  # hidden [FB, FT, FD], kernel [FD, FV]; the teacher has FD + 2
+# Per data block 14 positions (12 with shift), on one device 28 (24): never a multiple.
+FCHUNK = 5
+BATCHED = ("hidden", "hidden_nan", "hidden_shift_nan", "t_hidden", "t_hidden_nan")
+BATCHED += ("tokens", "ids", "where", "where_shift")
+
+
+def fused_mesh(name: str) -> Mesh:
+    """``"4"``: one ``vocab`` axis; ``"2x4"``: ``data`` × ``vocab``."""
+    shape = tuple(int(s) for s in name.split("x"))
+    names = ("vocab",) if len(shape) == 1 else ("data", "vocab")
+    return Mesh(np.asarray(jax.devices()[: math.prod(shape)]).reshape(shape), names)
+
+
+def fused_inputs(seed: int = 11) -> dict:
+    """Student and teacher heads, tokens, masks, and hidden states with NaN where masked.
+
+    ``where`` masks one whole sequence (2) and scattered positions; ``tokens``
+    hold ``-100`` twice. ``hidden_nan`` is NaN at the rows ``where`` masks
+    (functions aligned with ``tokens``), ``hidden_shift_nan`` at the rows whose
+    shifted target is masked and at the last row (``shift=True``; the last row
+    scores nothing); ``where_shift`` is ``where`` moved to those rows.
+    ``ids`` are in-range ids for ``token_stats``, some of them the argmax.
+    """
+    rng = np.random.default_rng(seed)
+    hidden = rng.normal(size=(FB, FT, FD)).astype(np.float32)
+    kernel = (rng.normal(size=(FD, FV)) / 2).astype(np.float32)
+    bias = rng.normal(size=FV).astype(np.float32)
+    t_hidden = rng.normal(size=(FB, FT, FD + 2)).astype(np.float32)
+    t_kernel = (rng.normal(size=(FD + 2, FV)) / 2).astype(np.float32)
+    tokens = rng.integers(0, FV, (FB, FT)).astype(np.int32)
+    tokens[0, 2] = tokens[3, 5] = -100
+    where = rng.random((FB, FT)) < 0.75
+    where[2] = False
+    where[[0, 1, 3], 4] = True
+    logits = hidden @ kernel + bias
+    ids = np.where(tokens == -100, 1, tokens).astype(np.int32)
+    ids[1, 1:] = np.argmax(logits[1, :-1], -1)  # the argmax with shift=True
+    ids[3] = np.argmax(logits[3], -1)  # and without
+    where_shift = np.concatenate([where[:, 1:], np.zeros((FB, 1), bool)], 1)
+    nan = lambda x, mask: np.where(mask[..., None], x, np.nan).astype(np.float32)
+    out = dict(
+        hidden=hidden,
+        hidden_nan=nan(hidden, where),
+        hidden_shift_nan=nan(hidden, where_shift),
+        kernel=kernel,
+        bias=bias,
+        t_hidden=t_hidden,
+        t_hidden_nan=nan(t_hidden, where),
+        t_kernel=t_kernel,
+        tokens=tokens,
+        ids=ids,
+        where=where,
+        where_shift=where_shift,
+        weights=rng.uniform(0.25, 2.0, FV).astype(np.float32),
+    )
+    return {k: jnp.asarray(v) for k, v in out.items()}
+
+
+class FusedCall(NamedTuple):
+    """``fn(student, teacher, inputs, vocab_axis_name)``, one jxent call.
+
+    ``kind``: ``"none"`` (per position), ``"sum"`` (additive over the batch:
+    ``psum`` over ``data`` on the mesh) or ``"mean"`` (a mean: one value per
+    ``data`` block, against the one-device call on each block). ``nan``:
+    which hidden rows hold NaN on the mesh (``None``, ``"aligned"`` with
+    ``where``, ``"shift"``); the one-device reference reads the finite rows,
+    which the call must ignore just the same.
+    """
+
+    fn: Callable
+    kind: str
+    nan: str | None = None
+
+
+FUSED_SOFTMAX_OPTIONS = {
+    "defaults": {},
+    "ignore_index=5": {"ignore_index": 5},
+    "label_smoothing": {"label_smoothing": 0.1},
+    "class_weights": {"class_weights": True},
+    "z_loss": {"z_loss": 1e-2},
+    "logit_softcap": {"logit_softcap": 4.0},
+    "all options": {
+        "label_smoothing": 0.1,
+        "z_loss": 1e-3,
+        "logit_softcap": 6.0,
+        "class_weights": True,
+    },
+}
+KINDS = {"mean": "mean", "sum": "sum", "none": "none", "tokens": "mean", "sequences": "mean"}
+
+
+def _options(options: dict, x: dict) -> dict:
+    return {k: x["weights"] if k == "class_weights" else v for k, v in options.items()}
+
+
+def _targets(options: dict, x: dict):
+    if "ignore_index" in options:
+        return jnp.where(x["tokens"] == -100, options["ignore_index"], x["tokens"])
+    return x["tokens"]
+
+
+def fused_calls() -> dict[str, FusedCall]:
+    """Every fused function, its options and reductions: 50 calls."""
+    calls = {}
+    for opt, options in FUSED_SOFTMAX_OPTIONS.items():
+        for reduction in REDUCTIONS:
+            both = opt in ("defaults", "all options")
+            for masked in (False, True) if both else (False,):
+                if masked and opt == "defaults" and reduction != "mean":
+                    continue
+
+                def sce(s, t, x, axis, options=options, reduction=reduction, masked=masked):
+                    return jxent.softmax_cross_entropy(
+                        s,
+                        _targets(options, x),
+                        where=x["where"] if masked else None,
+                        reduction=reduction,
+                        vocab_axis_name=axis,
+                        **_options(options, x),
+                    )
+
+                label = f"softmax_cross_entropy, {opt}, {reduction}" + (", masked" * masked)
+                calls[label] = FusedCall(sce, KINDS[reduction], "aligned" if masked else None)
+    for opt in ("defaults", "all options"):
+        options, masked = FUSED_SOFTMAX_OPTIONS[opt], opt == "all options"
+        nan = "shift" if masked else None
+        common = lambda x, options=options, masked=masked: dict(
+            shift=True, where=x["where"] if masked else None, **_options(options, x)
+        )
+        for normalize in ("tokens", "sequences", "sum", "none") if masked else ("tokens", "none"):
+
+            def seq(s, t, x, axis, normalize=normalize, common=common):
+                return jxent.sequence_nll(
+                    s, x["tokens"], normalize=normalize, vocab_axis_name=axis, **common(x)
+                )
+
+            calls[f"sequence_nll, {opt}, {normalize}"] = FusedCall(seq, KINDS[normalize], nan)
+
+        def stats(s, t, x, axis, common=common):
+            return jxent.nll_stats(s, x["tokens"], vocab_axis_name=axis, **common(x))
+
+        calls[f"nll_stats, {opt}"] = FusedCall(stats, "sum", nan)
+    for shift, temperature, masked in ((True, 1.0, True), (True, 0.7, True), (False, 1.3, False)):
+
+        def tstats(s, t, x, axis, shift=shift, temperature=temperature, masked=masked):
+            out = jxent.token_stats(
+                s,
+                x["ids"],
+                shift=shift,
+                where=x["where"] if masked else None,
+                temperature=temperature,
+                vocab_axis_name=axis,
+            )
+            return out._replace(is_argmax=out.is_argmax.astype(jnp.float32))
+
+        label = f"token_stats, shift={shift}, temperature={temperature}" + ", masked" * masked
+        calls[label] = FusedCall(tstats, "none", "shift" if masked else None)
+    divergences = {
+        "kl": {"divergence": "kl"},
+        "reverse_kl T=2": {"divergence": "reverse_kl", "temperature": 2.0},
+        "jsd beta=0.3 T=0.5": {"divergence": "jsd", "beta": 0.3, "temperature": 0.5},
+    }
+    for name, options in divergences.items():
+        for hard in (False, True):
+            # Every divergence per position and as a mean (the engine's two modes);
+            # "sum" once without and once with targets.
+            for reduction in ("none", "mean", "sum"):
+                if reduction == "sum" and name != ("jsd beta=0.3 T=0.5" if hard else "kl"):
+                    continue
+
+                def distill(s, t, x, axis, options=options, hard=hard, reduction=reduction):
+                    extra = {"targets": x["tokens"], "hard_weight": 0.4} if hard else {}
+                    return jxent.distillation_loss(
+                        s,
+                        t,
+                        where=x["where"],
+                        reduction=reduction,
+                        vocab_axis_name=axis,
+                        **options,
+                        **extra,
+                    )
+
+                label = f"distillation_loss, {name}, {reduction}" + ", targets" * hard
+                calls[label] = FusedCall(distill, KINDS[reduction], "aligned")
+    return calls
+
+
+def fused_cotangent(label: str, out):
+    """A fixed cotangent for ``out`` (seeded by the call's label): the same on mesh and device."""
+    rng = np.random.default_rng(zlib.crc32(label.encode()))
+    return jax.tree.map(lambda v: jnp.asarray(rng.uniform(0.5, 1.5, v.shape), v.dtype), out)
+
+
+def dense_logits(h, kernel, bias=None):
+    logits = jnp.dot(h, kernel, preferred_element_type=jnp.float32)
+    return logits if bias is None else logits + bias[None, None, :]
+
+
+def hidden_keys(call: FusedCall) -> tuple[str, str]:
+    """The student's and the teacher's hidden states on the mesh."""
+    student = {None: "hidden", "aligned": "hidden_nan", "shift": "hidden_shift_nan"}[call.nan]
+    return student, "t_hidden_nan" if call.nan == "aligned" else "t_hidden"
+
+
+def fused_on_mesh(mesh: Mesh, calls: dict[str, FusedCall], check_vma: bool = True):
+    """One jitted function: ``x -> {label: (value, grads wrt hidden, kernel, bias)}``.
+
+    Inside ``shard_map``: hidden, tokens and masks split over ``data`` (if
+    any), kernels, bias and class weights over ``vocab``; the gradients are
+    taken outside (the transposed ``shard_map``) and come back global.
+    """
+    data = "data" if "data" in mesh.axis_names else None
+    x_specs = {k: P(data) if k in BATCHED else P() for k in fused_inputs()}
+    x_specs.update(kernel=P(None, "vocab"), t_kernel=P(None, "vocab"))
+    x_specs.update(bias=P("vocab"), weights=P("vocab"))
+
+    def one(label, call):
+        h_key, t_key = hidden_keys(call)
+
+        def local(h, kernel, bias, x):
+            student = jxent.LinearLogits(h, kernel, bias, chunk_size=FCHUNK)
+            teacher = jxent.LinearLogits(x[t_key], x["t_kernel"], chunk_size=FCHUNK)
+            out = call.fn(student, teacher, x, "vocab")
+            if call.kind == "sum" and data:
+                out = jax.lax.psum(out, data)
+            return out[None] if call.kind == "mean" else out
+
+        sharded = jax.shard_map(
+            local,
+            mesh=mesh,
+            in_specs=(P(data), P(None, "vocab"), P("vocab"), x_specs),
+            out_specs=P() if call.kind == "sum" else P(data),
+            check_vma=check_vma,
+        )
+
+        def value_and_grads(x):
+            f = lambda h, k, b: sharded(h, k, b, x)
+            value, pull = jax.vjp(f, x[h_key], x["kernel"], x["bias"])
+            return value, pull(fused_cotangent(label, value))
+
+        return value_and_grads
+
+    fns = {label: one(label, call) for label, call in calls.items()}
+    return jax.jit(lambda x: {label: f(x) for label, f in fns.items()})
+
+
+def fused_reference(calls: dict[str, FusedCall], blocks: dict[str, tuple[int, ...]]):
+    """The same calls on one device on the materialised logits (finite hidden states).
+
+    ``{(label, n): (value, grads)}`` for every ``n`` in ``blocks[label]``: a
+    ``"mean"`` call per block of ``n`` blocks of the batch (stacked), the
+    others over the whole batch (computed once, the same for every ``n``).
+    """
+
+    def one(label, call, n):
+        def f(h, kernel, bias, x):
+            if call.kind != "mean":
+                teacher = dense_logits(x["t_hidden"], x["t_kernel"])
+                return call.fn(dense_logits(h, kernel, bias), teacher, x, None)
+            size = FB // n
+            outs = []
+            for i in range(n):
+                part = lambda v, i=i: v[i * size : (i + 1) * size]
+                xi = {k: part(v) if k in BATCHED else v for k, v in x.items()}
+                teacher = dense_logits(xi["t_hidden"], xi["t_kernel"])
+                outs.append(call.fn(dense_logits(part(h), kernel, bias), teacher, xi, None))
+            return jnp.stack(outs)
+
+        def value_and_grads(x):
+            f_x = lambda h, k, b: f(h, k, b, x)
+            value, pull = jax.vjp(f_x, x["hidden"], x["kernel"], x["bias"])
+            return value, pull(fused_cotangent(label, value))
+
+        return value_and_grads
+
+    same = lambda label, n: n if calls[label].kind == "mean" else 0
+    fns = {
+        (label, same(label, n)): one(label, calls[label], n)
+        for label, ns in blocks.items()
+        for n in ns
+    }
+
+    def run(x):
+        out = {key: f(x) for key, f in fns.items()}
+        return {(label, n): out[label, same(label, n)] for label, ns in blocks.items() for n in ns}
+
+    return jax.jit(run)
+
+
+def on_two_axes(label: str) -> bool:
+    """The calls also run on the 2 × 4 mesh (the 4-device mesh runs them all).
+
+    What the ``data`` axis adds (``psum`` of sums, per-block means,
+    per-position outputs split over ``data``) for every function and mode:
+    ``softmax_cross_entropy`` with the defaults and all options, masked or
+    not, every reduction, and a custom ``ignore_index``; ``sequence_nll`` and
+    ``nll_stats`` with all options and NaN rows; every ``token_stats`` call;
+    every ``distillation_loss`` call with targets, and ``"kl"`` without.
+    """
+    if label.startswith("softmax_cross_entropy"):
+        return (
+            ", defaults," in label or ", all options," in label or "ignore_index=5, none" in label
+        )
+    if label.startswith(("sequence_nll", "nll_stats")):
+        return "all options" in label
+    if label.startswith("distillation_loss"):
+        return label.endswith("targets") or ", kl," in label
+    return True
+
+
+@check("fused")
+def fused_values_and_gradients():
+    """Every fused function on meshes 4 and 2 × 4 = the same call on one device.
+
+    ``fused_calls``: ``softmax_cross_entropy`` (every option × every
+    reduction; masked with NaN hidden rows for the defaults and all options),
+    ``sequence_nll`` (``shift=True``, every ``normalize``) and ``nll_stats``,
+    ``token_stats`` (temperatures, masks, both shifts), ``distillation_loss``
+    (kl / reverse_kl / jsd, student and teacher both ``LinearLogits``, with
+    and without ``targets`` + ``hard_weight``, every reduction). Values and
+    gradients with respect to hidden, kernel and bias (a fixed cotangent per
+    output), to 1e-5; ``chunk_size=5`` never divides the positions. Mesh 4
+    runs every call, 2 × 4 those of ``on_two_axes``: there sums are
+    ``psum``-ed over ``data``, per-position outputs come back ``P("data")``,
+    and means are per block of the batch. Three compiled programs in all.
+    """
+    calls = fused_calls()
+    meshes = {"4": calls, "2x4": {k: c for k, c in calls.items() if on_two_axes(k)}}
+    x = fused_inputs()
+    with case("fused inputs: NaN in masked hidden rows"):
+        assert bool(jnp.isnan(x["hidden_nan"]).any())
+        assert bool(jnp.isnan(x["hidden_shift_nan"]).any())
+    blocks = {label: (1, 2) if label in meshes["2x4"] else (1,) for label in calls}
+    reference = fused_reference(calls, blocks)(x)
+    with case("fused inputs: token_stats sees is_argmax True and False"):
+        for label in (
+            "token_stats, shift=True, temperature=1.0, masked",
+            "token_stats, shift=False, temperature=1.3",
+        ):
+            hits = reference[label, 1][0].is_argmax
+            assert 0 < float(jnp.sum(hits)) < hits.size, (label, hits)
+    for mesh_name, mesh_calls in meshes.items():
+        mesh = fused_mesh(mesh_name)
+        n = mesh.shape.get("data", 1)
+        got = fused_on_mesh(mesh, mesh_calls)(x)
+        want = {label: reference[label, n] for label in mesh_calls}
+        compare(got, want, f"fused, mesh {mesh_name}")
+
+
+@check("fused")
+def fused_training_step_inside_shard_map():
+    """The per-device training step: ``value_and_grad`` inside ``shard_map`` on 2 × 4.
+
+    The global token mean from ``psum`` of ``nll_stats`` over ``data`` plus a
+    distillation term (``psum`` of the ``"sum"`` reduction over the counted
+    positions), with NaN in the masked hidden rows; the kernel and bias
+    gradients come back sharded over ``vocab`` (summed over ``data`` by the
+    vma types), the hidden gradient over ``data``. Against ``sequence_nll``
+    and ``distillation_loss`` of the materialised logits on one device.
+    """
+    x = fused_inputs(12)
+    mesh = fused_mesh("2x4")
+    options = dict(label_smoothing=0.1, z_loss=1e-3, logit_softcap=6.0)
+
+    def loss(h, kernel, bias, x, axis):
+        fused = axis is not None
+        make = jxent.LinearLogits if fused else dense_logits
+        student = make(h, kernel, bias, **({"chunk_size": FCHUNK} if fused else {}))
+        teacher = make(x["t_hidden"], x["t_kernel"], **({"chunk_size": FCHUNK} if fused else {}))
+        weights = x["weights"]
+        common = dict(vocab_axis_name=axis, where=x["where_shift"])
+        if fused:
+            stats = jxent.nll_stats(
+                student,
+                x["tokens"],
+                shift=True,
+                where=x["where"],
+                class_weights=weights,
+                vocab_axis_name=axis,
+                **options,
+            )
+            distill = jxent.distillation_loss(
+                student, teacher, divergence="jsd", beta=0.3, reduction="sum", **common
+            )
+            stats, distill = jax.lax.psum((stats, distill), "data")
+            count = jax.lax.psum(jnp.sum(x["where_shift"]), "data")
+            return stats.mean() + 0.5 * distill / count
+        nll = jxent.sequence_nll(
+            student, x["tokens"], shift=True, where=x["where"], class_weights=weights, **options
+        )
+        distill = jxent.distillation_loss(
+            student, teacher, divergence="jsd", beta=0.3, reduction="mean", **common
+        )
+        return nll + 0.5 * distill
+
+    specs = {k: P("data") if k in BATCHED else P() for k in x}
+    specs.update(kernel=P(None, "vocab"), t_kernel=P(None, "vocab"))
+    specs.update(bias=P("vocab"), weights=P("vocab"))
+    step = jax.shard_map(
+        lambda h, k, b, x: jax.value_and_grad(loss, (0, 1, 2))(h, k, b, x, "vocab"),
+        mesh=mesh,
+        in_specs=(P("data"), P(None, "vocab"), P("vocab"), specs),
+        out_specs=(P(), (P("data"), P(None, "vocab"), P("vocab"))),
+    )
+    with case("fused, 2x4 mesh, training step with value_and_grad inside shard_map"):
+        got = jax.jit(step)(x["hidden_shift_nan"], x["kernel"], x["bias"], x)
+        want = jax.jit(jax.value_and_grad(partial(loss, axis=None), (0, 1, 2)))(
+            x["hidden"], x["kernel"], x["bias"], x
+        )
+        close(got, want, "training step")
+        for leaf in jax.tree.leaves(got):
+            assert bool(jnp.all(jnp.isfinite(leaf))), f"non-finite result {leaf}"
 
 
 # ------------------------------------------------------------------------------ errors
