@@ -27,6 +27,7 @@ NOTEBOOKS = [
     "02_cross_entropy_loss.ipynb",
     "03_mle_toy_model.ipynb",
     "04_large_vocab_and_mesh.ipynb",
+    "05_post_training.ipynb",
 ]
 CELL_TIMEOUT_S = 120
 
