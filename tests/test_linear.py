@@ -368,7 +368,7 @@ def test_bad_shapes_and_types():
         r"expects \(2, 5\)",
     ):
         f(hidden, kernel, np.zeros((2, 4), np.int32))
-    with pytest.raises(TypeError, match="targets must be integer class indices"):
+    with pytest.raises(TypeError, match="targets must be integer class ids with LinearLogits"):
         f(hidden, kernel, np.zeros((2, 5, 11), np.float32))
     with pytest.raises(TypeError, match="hidden must be a floating-point array"):
         f(hidden.astype(np.int32), kernel, targets)
