@@ -380,7 +380,7 @@ def test_bad_shapes_and_types():
         f(hidden, kernel, targets, reduction="avg")
     with pytest.raises(ValueError, match="chunk_size must be None or a positive int, got 0"):
         f(hidden, kernel, targets, chunk_size=0)
-    with pytest.raises(TypeError, match="chunk_size must be None or a positive int"):
+    with pytest.raises(TypeError, match="chunk_size must be an int or None, got 2.5"):
         f(hidden, kernel, targets, chunk_size=2.5)
     with pytest.raises(ValueError, match=r"label_smoothing must be in \[0, 1\]"):
         f(hidden, kernel, targets, label_smoothing=1.5)
