@@ -295,7 +295,10 @@ def measure(size, repeats: int, use_torch: str | None):
             values[kind] = (torch_values if kind == "torch" else jax_values)(workload, out)
             del out
         reference = values["materialised"]
-        assert close(values["fused"], reference, 1e-4), (workload, values)
+        # On GPUs, float32 products run in TF32 by default (10-bit mantissa):
+        # chunked and whole products then round differently by ~1e-3.
+        rtol = 1e-4 if jax.default_backend() == "cpu" else 5e-3
+        assert close(values["fused"], reference, rtol), (workload, values)
         if "torch" in values:
             assert close(values["torch"], reference, 1e-3), (workload, values)
 
