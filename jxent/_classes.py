@@ -73,9 +73,12 @@ class ClassOps(NamedTuple):
         """``log Σ_c exp x_c``, shifted by ``top`` (from :meth:`max`)."""
         return jnp.log(self.sum(jnp.exp(x - top))) + jnp.squeeze(top, self.axis)
 
-    def dot(self, x, w, keep):
-        """``Σ_c x_c w_c`` over the class axis (see :func:`_class_dot`), then combined."""
-        return self.sum_tokens(_class_dot(x, w, keep, self.axis))
+    def dot(self, x, w, keep, *, matvec: bool = False):
+        """``Σ_c x_c w_c`` over the class axis (see :func:`_class_dot`), this shard's part.
+
+        Combine the shards' parts with :meth:`sum_tokens`.
+        """
+        return _class_dot(x, w, keep, self.axis, matvec)
 
     def take(self, x, index, fill):
         """``x[..., index, ...]`` along the class axis for global class ids ``index``.
@@ -105,18 +108,25 @@ class ClassOps(NamedTuple):
         return x if self.axis_name is None else jax.lax.psum(x, self.axis_name)
 
 
-def _weighted_sum(x, w, axis: int):
-    """``Σ_c x_c w_c`` along ``axis`` as one fused multiply-reduce (no copy of ``x``)."""
+def _weighted_sum(x, w, axis: int, matvec: bool = False):
+    """``Σ_c x_c w_c`` along ``axis``: a matrix-vector product, or a fused multiply-reduce.
+
+    The product is XLA:CPU's fastest pass over raw logits; an elementwise
+    expression of the logits (``x − r``) would be written out first for it,
+    and the multiply-reduce reads it without a copy instead.
+    """
+    if matvec:
+        return jax.lax.dot_general(
+            x, w, (((axis,), (0,)), ((), ())), precision=jax.lax.Precision.HIGHEST
+        )
     shape = tuple(-1 if d == axis else 1 for d in range(x.ndim))
     return jnp.sum(x * jnp.reshape(w, shape), axis=axis)
 
 
-@functools.partial(jax.custom_jvp, nondiff_argnums=(3,))
-def _class_dot(x, w, keep, axis: int):
-    """``Σ_c x_c w_c`` along ``axis``: one pass over ``x``.
+@functools.partial(jax.custom_jvp, nondiff_argnums=(3, 4))
+def _class_dot(x, w, keep, axis: int, matvec: bool):
+    """``Σ_c x_c w_c`` along ``axis``: one pass over ``x`` (see :func:`_weighted_sum`).
 
-    ``x`` is an elementwise expression of the logits (``top − x``), which XLA
-    fuses into the reduction, so nothing of the logits' size is written.
     Positions where ``keep`` is False may hold NaN/inf in ``x``; the caller
     discards their values, and this rule keeps them out of the derivative with
     respect to ``w`` (plain autodiff would form ``Σ_n x_n · 0 = NaN``). Only
@@ -126,18 +136,18 @@ def _class_dot(x, w, keep, axis: int):
     1.1× (benchmarks/softmax_ce.py). It is a ``custom_jvp``, so forward mode and
     higher derivatives keep working.
     """
-    return _weighted_sum(x, w, axis)
+    return _weighted_sum(x, w, axis, matvec)
 
 
-def _class_dot_jvp(axis, primals, tangents):
+def _class_dot_jvp(axis, matvec, primals, tangents):
     x, w, keep = primals
     dx, dw, _ = tangents
-    out = _weighted_sum(x, w, axis)
+    out = _weighted_sum(x, w, axis, matvec)
     tangent = jnp.zeros_like(out)
     if not isinstance(dx, SymbolicZero):
-        tangent = tangent + _weighted_sum(dx, w, axis)
+        tangent = tangent + _weighted_sum(dx, w, axis, matvec)
     if not isinstance(dw, SymbolicZero):
-        tangent = tangent + _weighted_sum(jnp.where(keep, x, 0), dw, axis)
+        tangent = tangent + _weighted_sum(jnp.where(keep, x, 0), dw, axis, matvec)
     return out, tangent
 
 

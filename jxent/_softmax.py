@@ -32,6 +32,11 @@ from ._reduce import safe_divide
 __all__ = ["softmax_cross_entropy"]
 
 
+# Above this |max logit| the class-weighted smoothing sum is shifted by the target
+# logit before it is formed (see _losses).
+_SHIFT_ABOVE = 64.0
+
+
 def parse_loss_options(
     *,
     ignore_index,
@@ -245,14 +250,23 @@ def _losses(
             # cancels: |top − r| also appears in the loss as w_t (top − x_t).
             ref = jnp.where(jnp.isfinite(target_logit), target_logit, top_vec)
             ref = jax.lax.stop_gradient(ref)  # r cancels: only its value matters
-            shifted = x - jnp.expand_dims(ref, axis)
             if weights is None:
                 total_w = float(num_classes)
-                gap = total_w * (top_vec - ref) - ops.sum(shifted)
+                gap = total_w * (top_vec - ref) - ops.sum(x - jnp.expand_dims(ref, axis))
             else:
                 w = weights.astype(dtype)
                 total_w = ops.sum_classes(w)
-                gap = total_w * (top_vec - ref) - ops.dot(shifted, w, keep)
+                # XLA:CPU reads raw logits fastest in a matrix-vector product,
+                # whose rounding grows with |x|; logits far from 0 (|max| > 64,
+                # where the reference matters) take the shifted multiply-reduce.
+                large = jnp.max(jnp.where(counted, jnp.abs(top_vec), 0)) > _SHIFT_ABOVE
+                ref = jnp.where(large, ref, 0)
+                part = jax.lax.cond(
+                    large,
+                    lambda: ops.dot(x - jnp.expand_dims(ref, axis), w, keep),
+                    lambda: ops.dot(x, w, keep, matvec=True),
+                )
+                gap = total_w * (top_vec - ref) - ops.sum_tokens(part)
             gap = jnp.where(counted, gap, 0)
             smooth = (log_sum * total_w + gap) / num_classes
             loss = (1.0 - label_smoothing) * loss + label_smoothing * smooth
