@@ -18,7 +18,7 @@ from ._softmax import softmax_cross_entropy as softmax_cross_entropy
 from ._tokens import TokenStats as TokenStats
 from ._tokens import token_stats as token_stats
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 
 __all__ = [
     "LinearLogits",
