@@ -66,7 +66,7 @@ import jax.numpy as jnp
 from ._checks import float_dtype
 from ._mesh import cotangent_like, loop, make_varying, varying_axes
 
-__all__ = ["chunked", "default_chunk_size"]
+__all__ = ["chunked", "default_chunk_size", "split_traced"]
 
 # The default chunk: at most this many logits (128 MiB in float32) and this
 # fraction of the positions, but at least this many positions.
@@ -366,6 +366,13 @@ _summed.defvjp(_summed_fwd, _summed_bwd)
 
 
 # --- the entry point -----------------------------------------------------------------------
+
+
+def split_traced(**options):
+    """Static options (hashable, for the plan) and traced ones (passed as ``consts``)."""
+    static = {k: v for k, v in options.items() if not isinstance(v, jax.Array)}
+    traced = {k: v for k, v in options.items() if isinstance(v, jax.Array)}
+    return static, traced
 
 
 def chunked(

@@ -28,11 +28,11 @@ from ._checks import (
     float_logits,
     parse_temperature,
 )
-from ._chunked import chunked
+from ._chunked import chunked, split_traced
 from ._classes import ClassOps
 from ._linear import LinearLogits
 from ._reduce import nonnegative, reduce_losses, safe_divide
-from ._tokens import _is_one, _shifted, _split_traced
+from ._tokens import _is_one, _shifted
 
 __all__ = ["distillation_loss"]
 
@@ -261,7 +261,7 @@ def distillation_loss(
         "targets": None if index is None else index.reshape(n),
         "teacher": None if fused[1] else teacher.reshape(n, teacher.shape[-1]),
     }
-    static, traced = _split_traced(**options._asdict())
+    static, traced = split_traced(**options._asdict())
     summed = reduction != "none"
     out = chunked(
         _distillation_chunk,

@@ -24,7 +24,7 @@ from ._checks import (
     is_static_zero,
     static_int,
 )
-from ._chunked import chunked
+from ._chunked import chunked, split_traced
 from ._classes import ClassOps, class_weight_vector, take_weight
 from ._linear import LinearLogits
 from ._reduce import safe_divide
@@ -317,8 +317,7 @@ def _fused_losses(logits: LinearLogits, targets, *, axis, where, class_weights,
     counted = ~ignored if mask is None else mask & ~ignored
     if vocab_axis_name is None:
         check_targets_in_range(targets, counted, in_range, num_classes, options["ignore_index"])
-    static = {k: v for k, v in options.items() if not isinstance(v, jax.Array)}
-    traced = {k: v for k, v in options.items() if isinstance(v, jax.Array)}
+    static, traced = split_traced(**options)
     n = math.prod(positions)
     out = chunked(
         _chunk_losses,

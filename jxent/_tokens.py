@@ -32,7 +32,7 @@ from ._checks import (
     float_logits,
     parse_temperature,
 )
-from ._chunked import chunked
+from ._chunked import chunked, split_traced
 from ._classes import ClassOps
 from ._linear import LinearLogits
 from ._reduce import nonnegative
@@ -189,7 +189,7 @@ def token_stats(
     index, counted = class_ids(tokens, where, positions, ops, name="tokens")
     if not fused:
         return token_stats_core(logits, index, counted, temperature, ops)
-    static, traced = _split_traced(temperature=temperature)
+    static, traced = split_traced(temperature=temperature)
     n = math.prod(positions)
     out = chunked(
         _token_stats_chunk,
@@ -204,13 +204,6 @@ def token_stats(
 
 
 # --------------------------------------------------------------------------- fused
-
-
-def _split_traced(**options):
-    """Static options (hashable, for the engine's plan) and traced ones (passed as constants)."""
-    static = {k: v for k, v in options.items() if not isinstance(v, jax.Array)}
-    traced = {k: v for k, v in options.items() if isinstance(v, jax.Array)}
-    return static, traced
 
 
 def _token_stats_chunk(logits, tokens, counted, traced, *, vocab_axis_name, **static):
