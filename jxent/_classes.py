@@ -132,9 +132,9 @@ def _class_dot(x, w, keep, axis: int, matvec: bool):
     respect to ``w`` (plain autodiff would form ``Σ_n x_n · 0 = NaN``). Only
     that tangent reads a masked copy of ``x``, so the copy is made only when
     ``w`` is differentiated. Why a rule: the masked copy costs XLA:CPU a full
-    extra write and read of the logits, 1.6× the default loss's time instead of
-    1.1× (benchmarks/softmax_ce.py). It is a ``custom_jvp``, so forward mode and
-    higher derivatives keep working.
+    extra write and read of the logits on every call (compare the
+    "jxent+options" rows of ``benchmarks/softmax_ce.py``). It is a
+    ``custom_jvp``, so forward mode and higher derivatives keep working.
     """
     return _weighted_sum(x, w, axis, matvec)
 
