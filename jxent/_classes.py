@@ -69,10 +69,6 @@ class ClassOps(NamedTuple):
             top = jax.lax.pmax(top, self.axis_name)
         return jnp.where(keep & jnp.isfinite(top), top, 0)
 
-    def logsumexp(self, x, top):
-        """``log Σ_c exp x_c``, shifted by ``top`` (from :meth:`max`)."""
-        return jnp.log(self.sum(jnp.exp(x - top))) + jnp.squeeze(top, self.axis)
-
     def dot(self, x, w, keep, *, matvec: bool = False):
         """``Σ_c x_c w_c`` over the class axis (see :func:`_class_dot`), this shard's part.
 
