@@ -20,7 +20,10 @@ positions through :func:`chunked`, so no option is derived twice:
 * ``mode="positions"`` (``reduction="none"``, ``token_stats``, per-sequence
   normalisation) returns per-position outputs, whose cotangents only the
   backward pass knows: that pass recomputes each chunk's logits (four
-  products per chunk in all);
+  products per chunk in all). A core given as a :class:`Rule`
+  (``token_stats``) saves a few ``[N]`` vectors in the forward pass and forms
+  the logits' gradient from them in one elementwise pass, without redoing
+  the forward pass's reductions (and one ``[C, V]`` temporary fewer);
 * a call that is not differentiated runs the forward loop alone: one product
   per chunk and ``LinearLogits``.
 
@@ -196,40 +199,44 @@ def _float_leaves(tree) -> list[bool]:
     return [jnp.issubdtype(x.dtype, jnp.inexact) for x in jax.tree.leaves(tree)]
 
 
-def _chunk_step(plan: _Plan, i, linears, rows, counted, consts, ct=None, grads=None):
-    """Chunk ``i``: its outputs, and with ``ct`` the gradients of ``Σ ct · outputs`` added in.
+class Rule(NamedTuple):
+    """A per-chunk core with a hand-written pullback, for ``mode="positions"``.
 
-    ``ct`` is a pytree of ``[N]`` cotangents for the core's floating outputs
-    (``None`` for a forward-only pass).
+    The generic backward pass takes ``jax.vjp`` of the core on each chunk's
+    recomputed logits, which redoes every reduction over classes of the
+    forward pass. A rule instead saves a few per-position vectors in the
+    forward pass (``[N]``-sized, kept as residuals) and forms the logits'
+    gradient from them in one elementwise pass.
+
+    Attributes:
+      forward: ``forward(logits, rows, counted, consts, **options) ->
+        (outputs, saved)``, ``saved`` a pytree of ``[C]`` vectors.
+      pullback: ``pullback(logits, rows, counted, consts, saved, cts,
+        **options)`` -> a tuple of ``[C, V]`` gradients, one per trainable
+        ``LinearLogits``; ``cts`` the ``[C]`` cotangents of the floating
+        outputs, in leaf order.
     """
+
+    forward: Callable
+    pullback: Callable
+
+    def __call__(self, *args, **options):
+        return self.forward(*args, **options)[0]
+
+
+def _chunk_inputs(plan: _Plan, i, linears, rows, counted):
+    """Chunk ``i``'s start, fresh and counted positions, ``(h, logits)`` pairs and rows."""
     size = plan.chunk
     start, fresh = _chunk_start(plan, i)
     m = _rows(counted, start, size) & fresh
     inputs = [_chunk_logits(lin, start, size, m) for lin in linears]
-    logits = tuple(x for _, x in inputs)
     rows_c = jax.tree.map(lambda r: _rows(r, start, size), rows)
-    options = dict(plan.options)
+    return start, fresh, m, inputs, rows_c
 
-    def core(*trained):
-        it = iter(trained)
-        full = tuple(next(it) if t else x for x, t in zip(logits, plan.trainable, strict=True))
-        return plan.core(full, rows_c, m, consts, **options)
 
-    if ct is None:
-        return start, fresh, core(*[x for x, t in zip(logits, plan.trainable, strict=True) if t])
-
-    trained = [x for x, t in zip(logits, plan.trainable, strict=True) if t]
-    outputs, pull = jax.vjp(core, *trained)
-    leaves, treedef = jax.tree.flatten(outputs)
-    ct_leaves = iter(jax.tree.leaves(ct))
-    cts = []
-    for leaf, is_float in zip(leaves, _float_leaves(outputs), strict=True):
-        if is_float:
-            c = _rows(next(ct_leaves), start, size).astype(leaf.dtype)
-            cts.append(make_varying(c, varying_axes(leaf)))
-        else:
-            cts.append(jnp.zeros(leaf.shape, jax.dtypes.float0))
-    d_logits = iter(pull(jax.tree.unflatten(treedef, cts)))
+def _add_grads(plan: _Plan, inputs, linears, d_logits, grads, start, fresh):
+    """The gradients of ``hidden`` rows, ``kernel`` and ``bias`` from each ``∂/∂logits``."""
+    d_logits = iter(d_logits)
     new_grads = []
     for (h, _), lin, train, g_acc in zip(inputs, linears, plan.trainable, grads, strict=True):
         if not train:
@@ -246,24 +253,80 @@ def _chunk_step(plan: _Plan, i, linears, rows, counted, consts, ct=None, grads=N
         if d_bias is not None:
             d_bias = d_bias + jnp.sum(g_logits, axis=0).astype(acc)
         new_grads.append((d_hidden, d_kernel, d_bias))
-    return start, fresh, outputs, tuple(new_grads)
+    return tuple(new_grads)
 
 
-def _output_init(plan: _Plan, linears, rows, counted, consts):
-    """Zero ``[N]`` carries shaped like the core's per-position outputs."""
-    shapes = jax.eval_shape(lambda: _chunk_step(plan, 0, linears, rows, counted, consts)[2])
+def _chunk_cts(ct, start, size, like):
+    """The ``[C]`` slices of the cotangents, each in the dtype and variance of its output."""
+    return [
+        make_varying(_rows(c, start, size).astype(o.dtype), varying_axes(o))
+        for c, o in zip(ct, like, strict=True)
+    ]
+
+
+def _chunk_step(plan: _Plan, i, linears, rows, counted, consts, ct=None, grads=None):
+    """Chunk ``i``: its outputs, and with ``ct`` the gradients of ``Σ ct · outputs`` added in.
+
+    ``ct`` is a list of ``[N]`` cotangents for the core's floating outputs
+    (``None`` for a forward-only pass). Without ``ct`` it returns ``(start,
+    fresh, outputs, saved)``, ``saved`` from a :class:`Rule` core (else None).
+    """
+    start, fresh, m, inputs, rows_c = _chunk_inputs(plan, i, linears, rows, counted)
+    logits = tuple(x for _, x in inputs)
+    options = dict(plan.options)
+    forward = plan.core.forward if isinstance(plan.core, Rule) else None
+
+    def core(*trained):
+        it = iter(trained)
+        full = tuple(next(it) if t else x for x, t in zip(logits, plan.trainable, strict=True))
+        if forward is not None:
+            return forward(full, rows_c, m, consts, **options)
+        return plan.core(full, rows_c, m, consts, **options), None
+
+    trained = [x for x, t in zip(logits, plan.trainable, strict=True) if t]
+    if ct is None:
+        return (start, fresh) + core(*trained)
+
+    outputs, pull, _ = jax.vjp(core, *trained, has_aux=True)
+    leaves, treedef = jax.tree.flatten(outputs)
+    floats = [leaf for leaf, f in zip(leaves, _float_leaves(outputs), strict=True) if f]
+    float_cts = iter(_chunk_cts(ct, start, plan.chunk, floats))
+    cts = [
+        next(float_cts) if f else jnp.zeros(leaf.shape, jax.dtypes.float0)
+        for leaf, f in zip(leaves, _float_leaves(outputs), strict=True)
+    ]
+    d_logits = pull(jax.tree.unflatten(treedef, cts))
+    grads = _add_grads(plan, inputs, linears, d_logits, grads, start, fresh)
+    return start, fresh, outputs, grads
+
+
+def _pullback_step(plan: _Plan, i, linears, rows, counted, consts, saved, ct, grads):
+    """Chunk ``i``'s gradients from a :class:`Rule`'s pullback and the saved vectors."""
+    start, fresh, m, inputs, rows_c = _chunk_inputs(plan, i, linears, rows, counted)
+    logits = tuple(x for _, x in inputs)
+    saved_c = jax.tree.map(lambda s: _rows(s, start, plan.chunk), saved)
+    cts = [_rows(c, start, plan.chunk) for c in ct]
+    d_logits = plan.core.pullback(logits, rows_c, m, consts, saved_c, cts, **dict(plan.options))
+    return _add_grads(plan, inputs, linears, d_logits, grads, start, fresh)
+
+
+def _output_init(plan: _Plan, linears, rows, counted, consts, *, saved: bool = False):
+    """Zero ``[N]`` carries shaped like the core's per-position outputs (and saved vectors)."""
+    shapes = jax.eval_shape(lambda: _chunk_step(plan, 0, linears, rows, counted, consts)[2:])
     n = plan.positions
-    return jax.tree.map(lambda s: jnp.zeros((n,) + s.shape[1:], s.dtype), shapes)
+    out = jax.tree.map(lambda s: jnp.zeros((n,) + s.shape[1:], s.dtype), shapes)
+    return out if saved else out[0]
 
 
-def _forward(plan: _Plan, linears, rows, counted, consts):
-    """Per-position outputs, one chunk at a time; forward work only."""
+def _forward(plan: _Plan, linears, rows, counted, consts, *, saved: bool = False):
+    """Per-position outputs (with ``saved``: and a :class:`Rule`'s saved vectors), forward only."""
 
     def body(i, out):
-        start, fresh, outputs = _chunk_step(plan, i, linears, rows, counted, consts)
-        return jax.tree.map(lambda o, v: _write(o, v, start, fresh), out, outputs)
+        start, fresh, *values = _chunk_step(plan, i, linears, rows, counted, consts)
+        values = tuple(values) if saved else values[0]
+        return jax.tree.map(lambda o, v: _write(o, v, start, fresh), out, values)
 
-    init = _output_init(plan, linears, rows, counted, consts)
+    init = _output_init(plan, linears, rows, counted, consts, saved=saved)
     return loop(_num_chunks(plan), body, init)
 
 
@@ -283,6 +346,17 @@ def _forward_backward(plan: _Plan, linears, rows, counted, consts, ct):
         _grad_init(linears, plan.trainable),
     )
     return loop(_num_chunks(plan), body, init)
+
+
+def _backward(plan: _Plan, linears, rows, counted, consts, saved, ct):
+    """The gradients of ``Σ ct · outputs``: a :class:`Rule`'s pullback, or ``jax.vjp``."""
+    if not isinstance(plan.core, Rule):
+        return _forward_backward(plan, linears, rows, counted, consts, ct)[1]
+
+    def body(i, grads):
+        return _pullback_step(plan, i, linears, rows, counted, consts, saved, ct, grads)
+
+    return loop(_num_chunks(plan), body, _grad_init(linears, plan.trainable))
 
 
 def _num_chunks(plan: _Plan) -> int:
@@ -317,14 +391,17 @@ def _positions(plan: _Plan, linears, rows, counted, consts):
 
 
 def _positions_fwd(plan: _Plan, linears, rows, counted, consts):
-    out = _forward(plan, linears, rows, counted, consts)
-    return out, (linears, rows, counted, consts)
+    if isinstance(plan.core, Rule):
+        out, saved = _forward(plan, linears, rows, counted, consts, saved=True)
+    else:
+        out, saved = _forward(plan, linears, rows, counted, consts), None
+    return out, (linears, rows, counted, consts, saved)
 
 
 def _positions_bwd(plan: _Plan, residuals, ct):
-    linears, rows, counted, consts = residuals
+    linears, rows, counted, consts, saved = residuals
     float_ct = [c for c, f in zip(jax.tree.leaves(ct), _float_leaves(ct), strict=True) if f]
-    _, grads = _forward_backward(plan, linears, rows, counted, consts, float_ct)
+    grads = _backward(plan, linears, rows, counted, consts, saved, float_ct)
     return _cotangents(plan, linears, grads), None, None, None
 
 

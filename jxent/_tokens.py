@@ -32,7 +32,7 @@ from ._checks import (
     float_logits,
     parse_temperature,
 )
-from ._chunked import chunked, split_traced
+from ._chunked import Rule, chunked, split_traced
 from ._classes import ClassOps
 from ._linear import LinearLogits
 from ._reduce import nonnegative
@@ -95,6 +95,15 @@ def token_stats_core(logits, tokens, counted, temperature, ops: ClassOps) -> Tok
       temperature: a Python float > 0 or a traced scalar.
       ops: ``ClassOps(axis=logits.ndim - 1, axis_name, num_local=V_local)``.
     """
+    return _token_stats_saved(logits, tokens, counted, temperature, ops)[0]
+
+
+def _token_stats_saved(logits, tokens, counted, temperature, ops: ClassOps):
+    """:func:`token_stats_core`'s outputs and ``(top, log S, Σ p·d)`` per position.
+
+    The three vectors are what :func:`_token_stats_pullback` needs to form the
+    logits' gradient without another reduction over classes.
+    """
     dtype = float_dtype(logits.dtype)
     keep = counted[..., None]
     x, d, top, raw_top = _shifted(logits, keep, temperature, ops, dtype)
@@ -109,12 +118,13 @@ def token_stats_core(logits, tokens, counted, temperature, ops: ClassOps) -> Tok
     log_prob = _scaled(jnp.where(counted, x_t, 0) - top, temperature, dtype) - log_total
     entropy = nonnegative(log_total - mean_d)
     logsumexp = _scaled(top, temperature, dtype) + log_total
-    return TokenStats(
+    stats = TokenStats(
         log_prob=jnp.where(counted, log_prob, 0),
         entropy=jnp.where(counted, entropy, 0),
         logsumexp=jnp.where(counted, logsumexp, 0),
         is_argmax=counted & (x_t == raw_top[..., 0]),
     )
+    return stats, (top, log_total, mean_d)
 
 
 def token_stats(
@@ -206,10 +216,36 @@ def token_stats(
 # --------------------------------------------------------------------------- fused
 
 
-def _token_stats_chunk(logits, tokens, counted, traced, *, vocab_axis_name, **static):
+def _token_stats_forward(logits, tokens, counted, traced, *, vocab_axis_name, **static):
     """The fused path's per-chunk function: :func:`token_stats_core` on ``[C, V]`` logits."""
     (x,) = logits
     ops = ClassOps(1, vocab_axis_name, x.shape[1])
-    return token_stats_core(x, tokens, counted, {**static, **traced}["temperature"], ops)
+    return _token_stats_saved(x, tokens, counted, {**static, **traced}["temperature"], ops)
 
 
+def _token_stats_pullback(
+    logits, tokens, counted, traced, saved, cts, *, vocab_axis_name, **static
+):
+    """``∂/∂logits`` of ``Σ a·log_prob + c·entropy + b·logsumexp`` on one chunk, in one pass.
+
+    With ``d = (x − top) / T``, ``log p = d − log S`` and ``Σ p·d`` saved by the
+    forward pass: ``∂log p_t/∂x_j = (δ_jt − p_j) / T``, ``∂logsumexp/∂x_j = p_j / T``
+    and ``∂H/∂x_j = −p_j (d_j − Σ p·d) / T`` (``log p_j + H = d_j − Σ p·d``), the
+    same expressions the dense core's autodiff forms, without its reductions.
+    """
+    (x,) = logits
+    temperature = {**static, **traced}["temperature"]
+    ops = ClassOps(1, vocab_axis_name, x.shape[1])
+    dtype = float_dtype(x.dtype)
+    top, log_total, mean_d = (v[:, None] for v in saved)
+    a, c, b = (ct.astype(dtype)[:, None] for ct in cts)  # log_prob, entropy, logsumexp
+    keep = counted[:, None]
+    d = _scaled(jnp.where(keep, x.astype(dtype), 0) - top, temperature, dtype)
+    p = jnp.exp(d - log_total)
+    spread = jnp.where(d == -jnp.inf, 0, d - mean_d)
+    hit = jnp.arange(x.shape[1])[None, :] + ops.offset() == tokens[:, None]
+    g = jnp.where(hit, a, 0) - p * (a - b + c * spread)
+    return (jnp.where(keep, _scaled(g, temperature, dtype), 0),)
+
+
+_token_stats_chunk = Rule(_token_stats_forward, _token_stats_pullback)
