@@ -61,23 +61,29 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from functools import partial
-from typing import Any, NamedTuple
+from typing import Any
 
 import jax
 import jax.numpy as jnp
 
-from ._checks import float_dtype
-from ._mesh import cotangent_like, loop, make_varying, varying_axes
+from ._chunk import (
+    Plan,
+    Rule,
+    chunk_step,
+    float_leaves,
+    grad_init,
+    pullback_step,
+    write,
+)
+from ._mesh import cotangent_like, loop
 
-__all__ = ["chunked", "default_chunk_size", "split_traced"]
+__all__ = ["Rule", "chunked", "default_chunk_size", "split_traced"]
 
 # The default chunk: at most this many logits (128 MiB in float32) and this
 # fraction of the positions, but at least this many positions.
 _CHUNK_ELEMENTS = 1 << 25
 _MIN_CHUNKS = 32
 _MIN_CHUNK = 192
-# The product added into the kernel's gradient is formed this many elements at a time.
-_BLOCK_ELEMENTS = 1 << 22
 
 
 def default_chunk_size(num_tokens: int, num_classes: int, backend: str | None = None) -> int:
@@ -100,270 +106,60 @@ def default_chunk_size(num_tokens: int, num_classes: int, backend: str | None = 
     return max(1, min(chunk, num_tokens))
 
 
-class _Plan(NamedTuple):
-    """The static part of one fused call (hashable: a ``nondiff_argnums`` argument)."""
-
-    core: Callable
-    options: tuple
-    chunk: int
-    trainable: tuple
-    positions: int
-
-
-# --- one chunk ------------------------------------------------------------------------
-
-
-def _chunk_start(plan: _Plan, i):
-    """The first position of chunk ``i`` and which of its positions are new.
-
-    The last chunk is moved back to end at ``N`` (no padding, no copy of
-    ``hidden``); its positions already covered by the previous chunk are
-    masked out there, and their outputs kept from the earlier chunk.
-    """
-    start = jnp.minimum(i * plan.chunk, plan.positions - plan.chunk)
-    fresh = start + jnp.arange(plan.chunk) >= i * plan.chunk
-    return start, fresh
-
-
-def _rows(x, start, size):
-    return jax.lax.dynamic_slice_in_dim(x, start, size)
-
-
-def _chunk_logits(linear, start, size, mask):
-    """``h @ kernel + bias`` for one chunk; rows not counted are zeroed first (NaN-safe)."""
-    hidden, kernel, bias = linear
-    acc = float_dtype(hidden.dtype, kernel.dtype)
-    h = jnp.where(mask[:, None], _rows(hidden, start, size), 0)
-    logits = jnp.dot(h, kernel, preferred_element_type=acc)
-    if bias is not None:
-        logits = logits + bias.astype(acc)[None, :]
-    return h, logits
-
-
-def _write(out, value, start, fresh):
-    """``out[start:start + C] = value`` at the ``fresh`` positions."""
-    old = jax.lax.dynamic_slice_in_dim(out, start, value.shape[0])
-    fresh = jnp.reshape(fresh, fresh.shape + (1,) * (value.ndim - 1))
-    return jax.lax.dynamic_update_slice_in_dim(out, jnp.where(fresh, value, old), start, 0)
-
-
-def _accumulate_outer(d_kernel, h, g, acc):
-    """``d_kernel + h.T @ g`` for ``h [C, D]`` and ``g [C, V]``, updated in place.
-
-    One ``[D, V]`` product would need a second ``[D, V]`` buffer before the
-    addition. A loop over blocks of classes (a loop: XLA computes unrolled
-    products up front and holds them all) bounds that buffer by the smaller
-    of one chunk's logits and ``_BLOCK_ELEMENTS`` (16 MiB in float32), which
-    measured as fast as one product on CPU. On GPU/TPU it is one product.
-    """
-    if jax.default_backend() != "cpu":
-        # On an accelerator many small products starve the device; the one
-        # [D, V] temporary is small next to what it replaces (N × V logits).
-        return d_kernel + jnp.dot(h.T, g, preferred_element_type=acc)
-    c, d = h.shape
-    v = d_kernel.shape[1]
-    width = min(v, max(1, min(v * c, _BLOCK_ELEMENTS) // d))
-    full = v // width
-
-    def add_block(lo, d_kernel, size):
-        part = jax.lax.dynamic_slice_in_dim(d_kernel, lo, size, axis=1)
-        g_part = jax.lax.dynamic_slice_in_dim(g, lo, size, axis=1)
-        part = part + jnp.dot(h.T, g_part, preferred_element_type=acc)
-        return jax.lax.dynamic_update_slice_in_dim(d_kernel, part, lo, axis=1)
-
-    d_kernel = loop(full, lambda j, dk: add_block(j * width, dk, width), d_kernel)
-    if full * width < v:
-        d_kernel = add_block(full * width, d_kernel, v - full * width)
-    return d_kernel
-
-
-def _grad_init(linears, trainable):
-    """Zero gradients (``d_hidden``, ``d_kernel``, ``d_bias``) for each trainable linear."""
-    out = []
-    for (hidden, kernel, bias), train in zip(linears, trainable, strict=True):
-        if not train:
-            out.append(None)
-            continue
-        acc = float_dtype(hidden.dtype, kernel.dtype)
-        out.append(
-            (
-                jnp.zeros(hidden.shape, acc),
-                jnp.zeros(kernel.shape, acc),
-                None if bias is None else jnp.zeros(bias.shape, acc),
-            )
-        )
-    return tuple(out)
-
-
-def _float_leaves(tree) -> list[bool]:
-    return [jnp.issubdtype(x.dtype, jnp.inexact) for x in jax.tree.leaves(tree)]
-
-
-class Rule(NamedTuple):
-    """A per-chunk core with a hand-written pullback, for ``mode="positions"``.
-
-    The generic backward pass takes ``jax.vjp`` of the core on each chunk's
-    recomputed logits, which redoes every reduction over classes of the
-    forward pass. A rule instead saves a few per-position vectors in the
-    forward pass (``[N]``-sized, kept as residuals) and forms the logits'
-    gradient from them in one elementwise pass.
-
-    Attributes:
-      forward: ``forward(logits, rows, counted, consts, **options) ->
-        (outputs, saved)``, ``saved`` a pytree of ``[C]`` vectors.
-      pullback: ``pullback(logits, rows, counted, consts, saved, cts,
-        **options)`` -> a tuple of ``[C, V]`` gradients, one per trainable
-        ``LinearLogits``; ``cts`` the ``[C]`` cotangents of the floating
-        outputs, in leaf order.
-    """
-
-    forward: Callable
-    pullback: Callable
-
-    def __call__(self, *args, **options):
-        return self.forward(*args, **options)[0]
-
-
-def _chunk_inputs(plan: _Plan, i, linears, rows, counted):
-    """Chunk ``i``'s start, fresh and counted positions, ``(h, logits)`` pairs and rows."""
-    size = plan.chunk
-    start, fresh = _chunk_start(plan, i)
-    m = _rows(counted, start, size) & fresh
-    inputs = [_chunk_logits(lin, start, size, m) for lin in linears]
-    rows_c = jax.tree.map(lambda r: _rows(r, start, size), rows)
-    return start, fresh, m, inputs, rows_c
-
-
-def _add_grads(plan: _Plan, inputs, linears, d_logits, grads, start, fresh):
-    """The gradients of ``hidden`` rows, ``kernel`` and ``bias`` from each ``∂/∂logits``."""
-    d_logits = iter(d_logits)
-    new_grads = []
-    for (h, _), lin, train, g_acc in zip(inputs, linears, plan.trainable, grads, strict=True):
-        if not train:
-            new_grads.append(None)
-            continue
-        _, kernel, bias = lin
-        d_hidden, d_kernel, d_bias = g_acc
-        acc = d_kernel.dtype
-        g_logits = next(d_logits)
-        g = g_logits.astype(jnp.result_type(h.dtype, kernel.dtype))
-        d_h = jnp.dot(g, kernel.T, preferred_element_type=acc)
-        d_hidden = _write(d_hidden, d_h, start, fresh)
-        d_kernel = _accumulate_outer(d_kernel, h.astype(g.dtype), g, acc)
-        if d_bias is not None:
-            d_bias = d_bias + jnp.sum(g_logits, axis=0).astype(acc)
-        new_grads.append((d_hidden, d_kernel, d_bias))
-    return tuple(new_grads)
-
-
-def _chunk_cts(ct, start, size, like):
-    """The ``[C]`` slices of the cotangents, each in the dtype and variance of its output."""
-    return [
-        make_varying(_rows(c, start, size).astype(o.dtype), varying_axes(o))
-        for c, o in zip(ct, like, strict=True)
-    ]
-
-
-def _chunk_step(plan: _Plan, i, linears, rows, counted, consts, ct=None, grads=None):
-    """Chunk ``i``: its outputs, and with ``ct`` the gradients of ``Σ ct · outputs`` added in.
-
-    ``ct`` is a list of ``[N]`` cotangents for the core's floating outputs
-    (``None`` for a forward-only pass). Without ``ct`` it returns ``(start,
-    fresh, outputs, saved)``, ``saved`` from a :class:`Rule` core (else None).
-    """
-    start, fresh, m, inputs, rows_c = _chunk_inputs(plan, i, linears, rows, counted)
-    logits = tuple(x for _, x in inputs)
-    options = dict(plan.options)
-    forward = plan.core.forward if isinstance(plan.core, Rule) else None
-
-    def core(*trained):
-        it = iter(trained)
-        full = tuple(next(it) if t else x for x, t in zip(logits, plan.trainable, strict=True))
-        if forward is not None:
-            return forward(full, rows_c, m, consts, **options)
-        return plan.core(full, rows_c, m, consts, **options), None
-
-    trained = [x for x, t in zip(logits, plan.trainable, strict=True) if t]
-    if ct is None:
-        return (start, fresh) + core(*trained)
-
-    outputs, pull, _ = jax.vjp(core, *trained, has_aux=True)
-    leaves, treedef = jax.tree.flatten(outputs)
-    floats = [leaf for leaf, f in zip(leaves, _float_leaves(outputs), strict=True) if f]
-    float_cts = iter(_chunk_cts(ct, start, plan.chunk, floats))
-    cts = [
-        next(float_cts) if f else jnp.zeros(leaf.shape, jax.dtypes.float0)
-        for leaf, f in zip(leaves, _float_leaves(outputs), strict=True)
-    ]
-    d_logits = pull(jax.tree.unflatten(treedef, cts))
-    grads = _add_grads(plan, inputs, linears, d_logits, grads, start, fresh)
-    return start, fresh, outputs, grads
-
-
-def _pullback_step(plan: _Plan, i, linears, rows, counted, consts, saved, ct, grads):
-    """Chunk ``i``'s gradients from a :class:`Rule`'s pullback and the saved vectors."""
-    start, fresh, m, inputs, rows_c = _chunk_inputs(plan, i, linears, rows, counted)
-    logits = tuple(x for _, x in inputs)
-    saved_c = jax.tree.map(lambda s: _rows(s, start, plan.chunk), saved)
-    cts = [_rows(c, start, plan.chunk) for c in ct]
-    d_logits = plan.core.pullback(logits, rows_c, m, consts, saved_c, cts, **dict(plan.options))
-    return _add_grads(plan, inputs, linears, d_logits, grads, start, fresh)
-
-
-def _output_init(plan: _Plan, linears, rows, counted, consts, *, saved: bool = False):
+def _output_init(plan: Plan, linears, rows, counted, consts, *, saved: bool = False):
     """Zero ``[N]`` carries shaped like the core's per-position outputs (and saved vectors)."""
-    shapes = jax.eval_shape(lambda: _chunk_step(plan, 0, linears, rows, counted, consts)[2:])
+    shapes = jax.eval_shape(lambda: chunk_step(plan, 0, linears, rows, counted, consts)[2:])
     n = plan.positions
     out = jax.tree.map(lambda s: jnp.zeros((n,) + s.shape[1:], s.dtype), shapes)
     return out if saved else out[0]
 
 
-def _forward(plan: _Plan, linears, rows, counted, consts, *, saved: bool = False):
+def _forward(plan: Plan, linears, rows, counted, consts, *, saved: bool = False):
     """Per-position outputs (with ``saved``: and a :class:`Rule`'s saved vectors), forward only."""
 
     def body(i, out):
-        start, fresh, *values = _chunk_step(plan, i, linears, rows, counted, consts)
+        start, fresh, *values = chunk_step(plan, i, linears, rows, counted, consts)
         values = tuple(values) if saved else values[0]
-        return jax.tree.map(lambda o, v: _write(o, v, start, fresh), out, values)
+        return jax.tree.map(lambda o, v: write(o, v, start, fresh), out, values)
 
     init = _output_init(plan, linears, rows, counted, consts, saved=saved)
     return loop(_num_chunks(plan), body, init)
 
 
-def _forward_backward(plan: _Plan, linears, rows, counted, consts, ct):
+def _forward_backward(plan: Plan, linears, rows, counted, consts, ct):
     """Per-position outputs and the gradients of ``Σ ct · outputs``, one chunk at a time."""
 
     def body(i, carry):
         out, grads = carry
-        start, fresh, outputs, grads = _chunk_step(
+        start, fresh, outputs, grads = chunk_step(
             plan, i, linears, rows, counted, consts, ct, grads
         )
-        out = jax.tree.map(lambda o, v: _write(o, v, start, fresh), out, outputs)
+        out = jax.tree.map(lambda o, v: write(o, v, start, fresh), out, outputs)
         return out, grads
 
     init = (
         _output_init(plan, linears, rows, counted, consts),
-        _grad_init(linears, plan.trainable),
+        grad_init(linears, plan.trainable),
     )
     return loop(_num_chunks(plan), body, init)
 
 
-def _backward(plan: _Plan, linears, rows, counted, consts, saved, ct):
+def _backward(plan: Plan, linears, rows, counted, consts, saved, ct):
     """The gradients of ``Σ ct · outputs``: a :class:`Rule`'s pullback, or ``jax.vjp``."""
     if not isinstance(plan.core, Rule):
         return _forward_backward(plan, linears, rows, counted, consts, ct)[1]
 
     def body(i, grads):
-        return _pullback_step(plan, i, linears, rows, counted, consts, saved, ct, grads)
+        return pullback_step(plan, i, linears, rows, counted, consts, saved, ct, grads)
 
-    return loop(_num_chunks(plan), body, _grad_init(linears, plan.trainable))
+    return loop(_num_chunks(plan), body, grad_init(linears, plan.trainable))
 
 
-def _num_chunks(plan: _Plan) -> int:
+def _num_chunks(plan: Plan) -> int:
     return -(-plan.positions // plan.chunk) if plan.positions else 0
 
 
-def _cotangents(plan: _Plan, linears, grads, scale=None):
+def _cotangents(plan: Plan, linears, grads, scale=None):
     """Cotangents for the ``linears`` argument, in the primals' dtypes and mesh variance."""
     out = []
     for lin, train, g in zip(linears, plan.trainable, grads, strict=True):
@@ -386,11 +182,11 @@ def _cotangents(plan: _Plan, linears, grads, scale=None):
 
 
 @partial(jax.custom_vjp, nondiff_argnums=(0,))
-def _positions(plan: _Plan, linears, rows, counted, consts):
+def _positions(plan: Plan, linears, rows, counted, consts):
     return _forward(plan, linears, rows, counted, consts)
 
 
-def _positions_fwd(plan: _Plan, linears, rows, counted, consts):
+def _positions_fwd(plan: Plan, linears, rows, counted, consts):
     if isinstance(plan.core, Rule):
         out, saved = _forward(plan, linears, rows, counted, consts, saved=True)
     else:
@@ -398,9 +194,9 @@ def _positions_fwd(plan: _Plan, linears, rows, counted, consts):
     return out, (linears, rows, counted, consts, saved)
 
 
-def _positions_bwd(plan: _Plan, residuals, ct):
+def _positions_bwd(plan: Plan, residuals, ct):
     linears, rows, counted, consts, saved = residuals
-    float_ct = [c for c, f in zip(jax.tree.leaves(ct), _float_leaves(ct), strict=True) if f]
+    float_ct = [c for c, f in zip(jax.tree.leaves(ct), float_leaves(ct), strict=True) if f]
     grads = _backward(plan, linears, rows, counted, consts, saved, float_ct)
     return _cotangents(plan, linears, grads), None, None, None
 
@@ -417,23 +213,23 @@ def _sums(out):
 
 
 @partial(jax.custom_vjp, nondiff_argnums=(0,))
-def _summed(plan: _Plan, linears, rows, counted, consts):
+def _summed(plan: Plan, linears, rows, counted, consts):
     return _sums(_forward(plan, linears, rows, counted, consts))
 
 
-def _summed_fwd(plan: _Plan, linears, rows, counted, consts):
+def _summed_fwd(plan: Plan, linears, rows, counted, consts):
     loss, aux = jax.eval_shape(lambda: _output_init(plan, linears, rows, counted, consts))
     # The gradient of Σ loss; the auxiliary outputs get a zero cotangent.
     ct = [jnp.ones(loss.shape, loss.dtype)] + [
         jnp.zeros(s.shape, s.dtype)
-        for s, f in zip(jax.tree.leaves(aux), _float_leaves(aux), strict=True)
+        for s, f in zip(jax.tree.leaves(aux), float_leaves(aux), strict=True)
         if f
     ]
     out, grads = _forward_backward(plan, linears, rows, counted, consts, ct)
     return _sums(out), (linears, grads)
 
 
-def _summed_bwd(plan: _Plan, residuals, ct):
+def _summed_bwd(plan: Plan, residuals, ct):
     linears, grads = residuals
     ct_loss, _ = ct  # the auxiliary sums (counts, weights) do not depend on the logits
     return _cotangents(plan, linears, grads, scale=ct_loss), None, None, None
@@ -509,7 +305,7 @@ def chunked(
     chunk = max(1, min(chunk, n))
     if trainable is None:
         trainable = (True,) * len(logits)
-    plan = _Plan(core, tuple(sorted((options or {}).items())), chunk, tuple(trainable), n)
+    plan = Plan(core, tuple(sorted((options or {}).items())), chunk, tuple(trainable), n)
     linears = tuple(
         (lin.hidden.reshape(n, lin.hidden.shape[-1]), lin.kernel, lin.bias) for lin in logits
     )

@@ -1,0 +1,234 @@
+"""One chunk of the fused engine (:mod:`jxent._chunked`): its logits, its core, its gradients.
+
+For chunk ``i`` of ``C`` positions: the ``[C, V]`` logits of every
+``LinearLogits`` (rows not counted zeroed first), the dense per-position core
+on them, and, given cotangents, ``∂/∂logits`` (``jax.vjp`` of the core, or a
+:class:`Rule`'s pullback) turned into the rows of ``∂/∂hidden``,
+``∂/∂kernel`` (added in place) and ``∂/∂bias`` by three products.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+from ._checks import float_dtype
+from ._mesh import loop, make_varying, varying_axes
+
+__all__ = ["Plan", "Rule", "chunk_step", "float_leaves", "grad_init", "pullback_step", "write"]
+
+# The product added into the kernel's gradient is formed this many elements at a time.
+_BLOCK_ELEMENTS = 1 << 22
+
+
+class Plan(NamedTuple):
+    """The static part of one fused call (hashable: a ``nondiff_argnums`` argument)."""
+
+    core: Callable
+    options: tuple
+    chunk: int
+    trainable: tuple
+    positions: int
+
+
+# --- one chunk ------------------------------------------------------------------------
+
+
+def _chunk_start(plan: Plan, i):
+    """The first position of chunk ``i`` and which of its positions are new.
+
+    The last chunk is moved back to end at ``N`` (no padding, no copy of
+    ``hidden``); its positions already covered by the previous chunk are
+    masked out there, and their outputs kept from the earlier chunk.
+    """
+    start = jnp.minimum(i * plan.chunk, plan.positions - plan.chunk)
+    fresh = start + jnp.arange(plan.chunk) >= i * plan.chunk
+    return start, fresh
+
+
+def _rows(x, start, size):
+    return jax.lax.dynamic_slice_in_dim(x, start, size)
+
+
+def _chunk_logits(linear, start, size, mask):
+    """``h @ kernel + bias`` for one chunk; rows not counted are zeroed first (NaN-safe)."""
+    hidden, kernel, bias = linear
+    acc = float_dtype(hidden.dtype, kernel.dtype)
+    h = jnp.where(mask[:, None], _rows(hidden, start, size), 0)
+    logits = jnp.dot(h, kernel, preferred_element_type=acc)
+    if bias is not None:
+        logits = logits + bias.astype(acc)[None, :]
+    return h, logits
+
+
+def write(out, value, start, fresh):
+    """``out[start:start + C] = value`` at the ``fresh`` positions."""
+    old = jax.lax.dynamic_slice_in_dim(out, start, value.shape[0])
+    fresh = jnp.reshape(fresh, fresh.shape + (1,) * (value.ndim - 1))
+    return jax.lax.dynamic_update_slice_in_dim(out, jnp.where(fresh, value, old), start, 0)
+
+
+def _accumulate_outer(d_kernel, h, g, acc):
+    """``d_kernel + h.T @ g`` for ``h [C, D]`` and ``g [C, V]``, updated in place.
+
+    One ``[D, V]`` product would need a second ``[D, V]`` buffer before the
+    addition. A loop over blocks of classes (a loop: XLA computes unrolled
+    products up front and holds them all) bounds that buffer by the smaller
+    of one chunk's logits and ``_BLOCK_ELEMENTS`` (16 MiB in float32), which
+    measured as fast as one product on CPU. On GPU/TPU it is one product.
+    """
+    if jax.default_backend() != "cpu":
+        # On an accelerator many small products starve the device; the one
+        # [D, V] temporary is small next to what it replaces (N × V logits).
+        return d_kernel + jnp.dot(h.T, g, preferred_element_type=acc)
+    c, d = h.shape
+    v = d_kernel.shape[1]
+    width = min(v, max(1, min(v * c, _BLOCK_ELEMENTS) // d))
+    full = v // width
+
+    def add_block(lo, d_kernel, size):
+        part = jax.lax.dynamic_slice_in_dim(d_kernel, lo, size, axis=1)
+        g_part = jax.lax.dynamic_slice_in_dim(g, lo, size, axis=1)
+        part = part + jnp.dot(h.T, g_part, preferred_element_type=acc)
+        return jax.lax.dynamic_update_slice_in_dim(d_kernel, part, lo, axis=1)
+
+    d_kernel = loop(full, lambda j, dk: add_block(j * width, dk, width), d_kernel)
+    if full * width < v:
+        d_kernel = add_block(full * width, d_kernel, v - full * width)
+    return d_kernel
+
+
+def grad_init(linears, trainable):
+    """Zero gradients (``d_hidden``, ``d_kernel``, ``d_bias``) for each trainable linear."""
+    out = []
+    for (hidden, kernel, bias), train in zip(linears, trainable, strict=True):
+        if not train:
+            out.append(None)
+            continue
+        acc = float_dtype(hidden.dtype, kernel.dtype)
+        out.append(
+            (
+                jnp.zeros(hidden.shape, acc),
+                jnp.zeros(kernel.shape, acc),
+                None if bias is None else jnp.zeros(bias.shape, acc),
+            )
+        )
+    return tuple(out)
+
+
+def float_leaves(tree) -> list[bool]:
+    return [jnp.issubdtype(x.dtype, jnp.inexact) for x in jax.tree.leaves(tree)]
+
+
+class Rule(NamedTuple):
+    """A per-chunk core with a hand-written pullback, for ``mode="positions"``.
+
+    The generic backward pass takes ``jax.vjp`` of the core on each chunk's
+    recomputed logits, which redoes every reduction over classes of the
+    forward pass. A rule instead saves a few per-position vectors in the
+    forward pass (``[N]``-sized, kept as residuals) and forms the logits'
+    gradient from them in one elementwise pass.
+
+    Attributes:
+      forward: ``forward(logits, rows, counted, consts, **options) ->
+        (outputs, saved)``, ``saved`` a pytree of ``[C]`` vectors.
+      pullback: ``pullback(logits, rows, counted, consts, saved, cts,
+        **options)`` -> a tuple of ``[C, V]`` gradients, one per trainable
+        ``LinearLogits``; ``cts`` the ``[C]`` cotangents of the floating
+        outputs, in leaf order.
+    """
+
+    forward: Callable
+    pullback: Callable
+
+    def __call__(self, *args, **options):
+        return self.forward(*args, **options)[0]
+
+
+def _chunk_inputs(plan: Plan, i, linears, rows, counted):
+    """Chunk ``i``'s start, fresh and counted positions, ``(h, logits)`` pairs and rows."""
+    size = plan.chunk
+    start, fresh = _chunk_start(plan, i)
+    m = _rows(counted, start, size) & fresh
+    inputs = [_chunk_logits(lin, start, size, m) for lin in linears]
+    rows_c = jax.tree.map(lambda r: _rows(r, start, size), rows)
+    return start, fresh, m, inputs, rows_c
+
+
+def _add_grads(plan: Plan, inputs, linears, d_logits, grads, start, fresh):
+    """The gradients of ``hidden`` rows, ``kernel`` and ``bias`` from each ``∂/∂logits``."""
+    d_logits = iter(d_logits)
+    new_grads = []
+    for (h, _), lin, train, g_acc in zip(inputs, linears, plan.trainable, grads, strict=True):
+        if not train:
+            new_grads.append(None)
+            continue
+        _, kernel, bias = lin
+        d_hidden, d_kernel, d_bias = g_acc
+        acc = d_kernel.dtype
+        g_logits = next(d_logits)
+        g = g_logits.astype(jnp.result_type(h.dtype, kernel.dtype))
+        d_h = jnp.dot(g, kernel.T, preferred_element_type=acc)
+        d_hidden = write(d_hidden, d_h, start, fresh)
+        d_kernel = _accumulate_outer(d_kernel, h.astype(g.dtype), g, acc)
+        if d_bias is not None:
+            d_bias = d_bias + jnp.sum(g_logits, axis=0).astype(acc)
+        new_grads.append((d_hidden, d_kernel, d_bias))
+    return tuple(new_grads)
+
+
+def _chunk_cts(ct, start, size, like):
+    """The ``[C]`` slices of the cotangents, each in the dtype and variance of its output."""
+    return [
+        make_varying(_rows(c, start, size).astype(o.dtype), varying_axes(o))
+        for c, o in zip(ct, like, strict=True)
+    ]
+
+
+def chunk_step(plan: Plan, i, linears, rows, counted, consts, ct=None, grads=None):
+    """Chunk ``i``: its outputs, and with ``ct`` the gradients of ``Σ ct · outputs`` added in.
+
+    ``ct`` is a list of ``[N]`` cotangents for the core's floating outputs
+    (``None`` for a forward-only pass). Without ``ct`` it returns ``(start,
+    fresh, outputs, saved)``, ``saved`` from a :class:`Rule` core (else None).
+    """
+    start, fresh, m, inputs, rows_c = _chunk_inputs(plan, i, linears, rows, counted)
+    logits = tuple(x for _, x in inputs)
+    options = dict(plan.options)
+    forward = plan.core.forward if isinstance(plan.core, Rule) else None
+
+    def core(*trained):
+        it = iter(trained)
+        full = tuple(next(it) if t else x for x, t in zip(logits, plan.trainable, strict=True))
+        if forward is not None:
+            return forward(full, rows_c, m, consts, **options)
+        return plan.core(full, rows_c, m, consts, **options), None
+
+    trained = [x for x, t in zip(logits, plan.trainable, strict=True) if t]
+    if ct is None:
+        return (start, fresh) + core(*trained)
+
+    outputs, pull, _ = jax.vjp(core, *trained, has_aux=True)
+    leaves, treedef = jax.tree.flatten(outputs)
+    floats = [leaf for leaf, f in zip(leaves, float_leaves(outputs), strict=True) if f]
+    float_cts = iter(_chunk_cts(ct, start, plan.chunk, floats))
+    cts = [
+        next(float_cts) if f else jnp.zeros(leaf.shape, jax.dtypes.float0)
+        for leaf, f in zip(leaves, float_leaves(outputs), strict=True)
+    ]
+    d_logits = pull(jax.tree.unflatten(treedef, cts))
+    grads = _add_grads(plan, inputs, linears, d_logits, grads, start, fresh)
+    return start, fresh, outputs, grads
+
+
+def pullback_step(plan: Plan, i, linears, rows, counted, consts, saved, ct, grads):
+    """Chunk ``i``'s gradients from a :class:`Rule`'s pullback and the saved vectors."""
+    start, fresh, m, inputs, rows_c = _chunk_inputs(plan, i, linears, rows, counted)
+    logits = tuple(x for _, x in inputs)
+    saved_c = jax.tree.map(lambda s: _rows(s, start, plan.chunk), saved)
+    cts = [_rows(c, start, plan.chunk) for c in ct]
+    d_logits = plan.core.pullback(logits, rows_c, m, consts, saved_c, cts, **dict(plan.options))
+    return _add_grads(plan, inputs, linears, d_logits, grads, start, fresh)
