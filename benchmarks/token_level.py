@@ -1,8 +1,8 @@
-"""Fused token-level quantities (token_stats, distillation_loss) against the materialised logits.
+"""Fused token-level quantities (token_stats, token_objective, distillation_loss) vs materialised.
 
 Run:  python benchmarks/token_level.py [--repeats 5] [--quick]
 
-Three workloads, float32, on jax's default device, with ``logits = hidden @ kernel``
+Four workloads, float32, on jax's default device, with ``logits = hidden @ kernel``
 of ``N`` positions, ``D`` features and ``V`` classes (``N, D, V = 4096, 512,
 32768`` by default):
 
@@ -13,13 +13,18 @@ of ``N`` positions, ``D`` features and ``V`` classes (``N, D, V = 4096, 512,
   reference model: nothing is differentiated);
 * (c) ``distillation_loss(student, teacher, divergence="kl", reduction="mean")``,
   the teacher with its own ``hidden``/``kernel``, value and gradient for the
-  student's ``hidden`` and ``kernel``.
+  student's ``hidden`` and ``kernel``;
+* (d) (a)'s objective and gradient through ``token_objective(logits, tokens,
+  lambda s, a, c: a·s.log_prob + c·s.entropy, args=(a, c))``: knowing the
+  function of the statistics, the fused engine forms the gradient in the
+  forward pass (three products per chunk, where (a)'s per-position outputs
+  need four: their cotangents arrive only in the backward pass).
 
 Each is run as ``fused`` (``jxent.LinearLogits(hidden, kernel)`` passed as the
 logits, default chunk size), ``materialised`` (the same jxent function on
 ``hidden @ kernel``) and, for reference, ``torch`` (PyTorch eager on the
 materialised logits: ``log_softmax`` + ``gather`` + entropy, with
-``backward()`` for (a); ``kl_div(log_softmax(student), log_softmax(teacher),
+``backward()`` for (a) and (d); ``kl_div(log_softmax(student), log_softmax(teacher),
 log_target=True, reduction="batchmean")`` with ``backward()`` for (c)), on CPU,
 or on CUDA when jax's default device is a GPU and ``torch.cuda.is_available()``
 (skipped otherwise). All candidates run in one process, alternating within
@@ -62,6 +67,7 @@ WORKLOADS = {
     "a": "token_stats + grad of Σ a·log_prob + c·entropy",
     "b": "token_stats forward (log_prob, entropy)",
     "c": "distillation_loss kl mean + student grad",
+    "d": "token_objective of (a)'s objective + grad",
 }
 KINDS = ("fused", "materialised", "torch")
 
@@ -80,6 +86,17 @@ def stats_objective(fused: bool):
         logits = jxent.LinearLogits(hidden, kernel) if fused else hidden @ kernel
         stats = jxent.token_stats(logits, tokens, shift=False)
         return jnp.sum(a * stats.log_prob + c * stats.entropy)
+
+    return jax.value_and_grad(objective, argnums=(0, 1))
+
+
+def objective_sum(fused: bool):
+    """(a)'s objective as ``token_objective``: the fused gradient is formed in the forward pass."""
+
+    def objective(hidden, kernel, tokens, a, c):
+        logits = jxent.LinearLogits(hidden, kernel) if fused else hidden @ kernel
+        fn = lambda stats, a, c: a * stats.log_prob + c * stats.entropy
+        return jxent.token_objective(logits, tokens, fn, shift=False, args=(a, c))
 
     return jax.value_and_grad(objective, argnums=(0, 1))
 
@@ -110,13 +127,14 @@ def distillation(fused: bool):
 
 
 def programs(workload: str, fused: bool):
-    return {"a": stats_objective, "b": stats_forward, "c": distillation}[workload](fused)
+    programs = {"a": stats_objective, "b": stats_forward, "c": distillation, "d": objective_sum}
+    return programs[workload](fused)
 
 
 def arguments(workload: str, n: int, d: int, v: int, make):
     """The workload's arguments, built by ``make(name, shape, dtype)``."""
     f32, i32 = jnp.float32, jnp.int32
-    if workload == "a":
+    if workload in ("a", "d"):
         return (
             make("hidden", (n, d), f32),
             make("kernel", (d, v), f32),
@@ -204,7 +222,7 @@ def torch_case(workload: str, arrays, device: str):
 
         return run
 
-    if workload == "a":
+    if workload in ("a", "d"):
         hidden, kernel = tensor("hidden", True), tensor("kernel", True)
         tokens = torch.from_numpy(arrays["tokens"].astype(np.int64)).to(device)
         a, c = tensor("a"), tensor("c")

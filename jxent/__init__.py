@@ -16,6 +16,7 @@ from ._sequence import perplexity as perplexity
 from ._sequence import sequence_nll as sequence_nll
 from ._softmax import softmax_cross_entropy as softmax_cross_entropy
 from ._tokens import TokenStats as TokenStats
+from ._tokens import token_objective as token_objective
 from ._tokens import token_stats as token_stats
 
 __version__ = "0.2.0"
@@ -37,6 +38,7 @@ __all__ = [
     "perplexity",
     "sequence_nll",
     "softmax_cross_entropy",
+    "token_objective",
     "token_stats",
 ]
 

@@ -20,6 +20,7 @@ Positions that are not counted are zeroed before any arithmetic (the double
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from typing import Any, NamedTuple
 
 import jax
@@ -38,7 +39,7 @@ from ._linear import LinearLogits
 from ._reduce import nonnegative
 from ._sequence import REQUIRED, _aligned
 
-__all__ = ["token_stats", "TokenStats"]
+__all__ = ["token_objective", "token_stats", "TokenStats"]
 
 class TokenStats(NamedTuple):
     """Per-position token statistics (a pytree); 0 / False where not counted.
@@ -213,6 +214,127 @@ def token_stats(
     return jax.tree.map(lambda x: x.reshape(positions), out)
 
 
+def token_objective(
+    logits: Float[ArrayLike, "*batch T V"],
+    tokens: Int[ArrayLike, "*batch T"],
+    fn: Callable[..., Array],
+    *,
+    shift: bool = REQUIRED,
+    args: tuple = (),
+    where: Bool[ArrayLike, "*batch T"] | None = None,
+    temperature: float = 1.0,
+    vocab_axis_name: str | None = None,
+) -> Float[Array, ""]:
+    """``Σ fn(token_stats(logits, tokens, ...), *args)`` over the counted positions.
+
+    The per-token objective of policy-gradient training in one call: ``fn``
+    maps the :class:`TokenStats` of each position (and that position's
+    entries of ``args``: advantages, old log-probs, per-sequence weights) to
+    one value, and the result is the sum of those values over the counted
+    positions. On dense logits it is exactly that expression. Its point is
+    :class:`~jxent.LinearLogits`: because the function of the statistics is
+    known, the fused engine computes the gradient while it runs the forward
+    pass (three products per chunk, like the fused cross-entropy), where
+    ``jnp.sum(fn(token_stats(LinearLogits(...)), ...))`` must recompute each
+    chunk's logits in the backward pass (four products per chunk).
+
+    Args:
+      logits: ``[..., T, V]`` logits or a :class:`~jxent.LinearLogits`.
+      tokens: ``[..., T]`` integer token ids.
+      fn: ``fn(stats, *args) -> values``, called on :class:`TokenStats` and
+        ``args`` of some positions (a chunk of them when fused), returning a
+        float array of those positions' shape. It must act position by
+        position (no sums or means across positions inside it): normalise
+        with per-position weights in ``args`` instead, e.g. ``1 / length``
+        of each sequence for a per-sequence mean.
+      shift: required, as in :func:`token_stats`.
+      args: a tuple of ``[..., T]`` arrays aligned with ``tokens`` (shifted
+        with them when ``shift=True``), passed to ``fn`` as constants: no
+        gradient flows to them (``stop_gradient``), as for advantages.
+      where: ``[..., T]`` boolean, aligned with ``tokens``; False = not counted.
+      temperature: as in :func:`token_stats`.
+      vocab_axis_name: as in :func:`token_stats`.
+
+    Returns:
+      A scalar: ``Σ fn(stats, *args)`` over the counted positions (float32;
+      float64 under ``jax_enable_x64`` for float64 logits). Divide by the
+      number of counted positions for a mean.
+
+    Positions not counted add nothing and get zero gradient (their logits may
+    be NaN or ±inf), provided ``fn`` and its derivative are finite where the
+    statistics are 0 (their value there).
+
+    Examples:
+      A REINFORCE loss with an entropy bonus, ``−Σ (A·log_prob + 0.01·H)``:
+
+      >>> import jax.numpy as jnp, jxent
+      >>> logits = jnp.log(jnp.array([[[0.5, 0.25, 0.25], [0.8, 0.1, 0.1]]]))
+      >>> tokens, advantages = jnp.array([[0, 2]]), jnp.array([[1.0, -0.5]])
+      >>> jxent.token_objective(
+      ...     logits, tokens, lambda s, a: -(a * s.log_prob + 0.01 * s.entropy),
+      ...     shift=False, args=(advantages,))
+      Array(-0.4749..., dtype=float32)
+    """
+    if not callable(fn):
+        raise TypeError(f"fn must be a function of (stats, *args), got {type(fn).__name__}")
+    if not isinstance(args, tuple):
+        raise TypeError(f"args must be a tuple of [..., T] arrays, got {type(args).__name__}")
+    temperature = parse_temperature(temperature)
+    fused = isinstance(logits, LinearLogits)
+    if not fused:
+        logits = float_logits(logits, "logits")
+    full = jnp.shape(tokens)
+    args = tuple(jax.lax.stop_gradient(jnp.asarray(a)) for a in args)
+    for k, a in enumerate(args):
+        if a.shape != full:
+            raise ValueError(
+                f"args[{k}] has shape {a.shape} but tokens has shape {full}; each "
+                "of args holds one value per token position [..., T]"
+            )
+    logits, tokens, where = _aligned(logits, tokens, where, shift, "token_objective")
+    if shift:
+        args = tuple(a[..., 1:] for a in args)
+    num_local = logits.shape[-1]
+    ops = ClassOps(logits.ndim - 1, vocab_axis_name, num_local)
+    positions = logits.shape[:-1]
+    index, counted = class_ids(tokens, where, positions, ops, name="tokens")
+    dtype = float_dtype(logits.dtype)
+    _check_objective(fn, positions, dtype, args)
+    if not fused:
+        stats = token_stats_core(logits, index, counted, temperature, ops)
+        return jnp.sum(_objective_values(fn, stats, args, counted, dtype))
+    static, traced = split_traced(temperature=temperature)
+    n = math.prod(positions)
+    total, _ = chunked(
+        _objective_chunk,
+        (logits,),
+        (index.reshape(n), tuple(a.reshape(n) for a in args)),
+        counted.reshape(n),
+        consts=traced,
+        mode="sum",
+        options=dict(static, fn=fn, vocab_axis_name=vocab_axis_name),
+    )
+    return total
+
+
+def _check_objective(fn, positions, dtype, args) -> None:
+    """``fn`` must return one float per position: checked on shapes, nothing is run."""
+    vector = jax.ShapeDtypeStruct(positions, dtype)
+    stats = TokenStats(vector, vector, vector, jax.ShapeDtypeStruct(positions, jnp.bool_))
+    out = jax.eval_shape(fn, stats, *args)
+    shape, out_dtype = getattr(out, "shape", None), getattr(out, "dtype", None)
+    if shape != tuple(positions) or not jnp.issubdtype(out_dtype, jnp.floating):
+        raise ValueError(
+            f"fn(stats, *args) must return a float array of the positions' shape "
+            f"{tuple(positions)} (one value per position), got "
+            f"{out if shape is None else f'shape {shape}, dtype {out_dtype}'}"
+        )
+
+
+def _objective_values(fn, stats, args, counted, dtype):
+    return jnp.where(counted, fn(stats, *args).astype(dtype), 0)
+
+
 # --------------------------------------------------------------------------- fused
 
 
@@ -249,3 +371,12 @@ def _token_stats_pullback(
 
 
 _token_stats_chunk = Rule(_token_stats_forward, _token_stats_pullback)
+
+
+def _objective_chunk(logits, rows, counted, traced, *, fn, vocab_axis_name, **static):
+    """:func:`token_objective`'s per-chunk values, and no auxiliary sums (``mode="sum"``)."""
+    (x,) = logits
+    tokens, args = rows
+    ops = ClassOps(1, vocab_axis_name, x.shape[1])
+    stats = token_stats_core(x, tokens, counted, {**static, **traced}["temperature"], ops)
+    return _objective_values(fn, stats, args, counted, float_dtype(x.dtype)), ()

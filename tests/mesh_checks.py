@@ -969,7 +969,7 @@ def _targets(options: dict, x: dict):
 
 
 def fused_calls() -> dict[str, FusedCall]:
-    """Every fused function, its options and reductions: 50 calls."""
+    """Every fused function, its options and reductions: 51 calls."""
     calls = {}
     for opt, options in FUSED_SOFTMAX_OPTIONS.items():
         for reduction in REDUCTIONS:
@@ -1024,6 +1024,30 @@ def fused_calls() -> dict[str, FusedCall]:
 
         label = f"token_stats, shift={shift}, temperature={temperature}" + ", masked" * masked
         calls[label] = FusedCall(tstats, "none", "shift" if masked else None)
+
+    def objective(s, t, x, axis):
+        # A clipped policy-gradient objective with an entropy bonus (a "sum": additive).
+        advantage = (x["ids"] % 3 - 1).astype(jnp.float32)
+
+        def fn(stats, advantage):
+            ratio = jnp.exp(stats.log_prob + 2.0)
+            clipped = jnp.minimum(ratio * advantage, jnp.clip(ratio, 0.8, 1.2) * advantage)
+            return -clipped - 0.01 * stats.entropy
+
+        return jxent.token_objective(
+            s,
+            x["ids"],
+            fn,
+            shift=True,
+            args=(advantage,),
+            where=x["where"],
+            temperature=0.7,
+            vocab_axis_name=axis,
+        )
+
+    calls["token_objective, shift=True, temperature=0.7, masked"] = FusedCall(
+        objective, "sum", "shift"
+    )
     divergences = {
         "kl": {"divergence": "kl"},
         "reverse_kl T=2": {"divergence": "reverse_kl", "temperature": 2.0},
@@ -1184,7 +1208,8 @@ def fused_values_and_gradients():
     ``fused_calls``: ``softmax_cross_entropy`` (every option × every
     reduction; masked with NaN hidden rows for the defaults and all options),
     ``sequence_nll`` (``shift=True``, every ``normalize``) and ``nll_stats``,
-    ``token_stats`` (temperatures, masks, both shifts), ``distillation_loss``
+    ``token_stats`` (temperatures, masks, both shifts), ``token_objective``
+    (a clipped policy-gradient objective), ``distillation_loss``
     (kl / reverse_kl / jsd, student and teacher both ``LinearLogits``, with
     and without ``targets`` + ``hard_weight``, every reduction). Values and
     gradients with respect to hidden, kernel and bias (a fixed cotangent per

@@ -143,6 +143,78 @@ def test_token_stats(rng, shift):
     assert np.asarray(out["no mask"][0][0].is_argmax).any()
 
 
+def _ppo(stats, advantage, old_log_prob):
+    """A clipped policy-gradient objective with an entropy bonus and a logsumexp penalty."""
+    ratio = jnp.exp(stats.log_prob - old_log_prob)
+    clipped = jnp.minimum(ratio * advantage, jnp.clip(ratio, 0.8, 1.2) * advantage)
+    return -clipped - 0.01 * stats.entropy + 1e-3 * stats.logsumexp**2
+
+
+@pytest.mark.parametrize("shift", [True, False])
+def test_token_objective(rng, shift):
+    """Fused (gradient in the forward pass) = dense = the sum of ``fn`` of ``token_stats``."""
+    hidden, kernel, bias, tokens, where, _ = draw(rng)
+    tokens[0, 2] = 0
+    advantage = rng.standard_normal((B, T)).astype(np.float32)
+    old = (-2.5 + rng.standard_normal((B, T))).astype(np.float32)
+    calls = {}
+    for t in (1.0, 0.7):
+        calls[f"ppo T={t}"] = lambda x, t=t: jxent.token_objective(
+            x, tokens, _ppo, shift=shift, args=(advantage, old), where=where, temperature=t
+        )
+    calls["reinforce, no mask"] = lambda x: jxent.token_objective(
+        x, tokens, lambda s, a: -a * s.log_prob, shift=shift, args=(advantage,)
+    )
+    out = fused_and_dense(calls, hidden, kernel, bias)
+    assert_fused_equals_dense(out)
+    # ... and the dense value and gradients are those of the explicit expression.
+    cut = (lambda a: a[:, 1:]) if shift else (lambda a: a)
+
+    def explicit(h, k, b):
+        s = jxent.token_stats(dense(h, k, b), tokens, shift=shift, where=where, temperature=0.7)
+        return jnp.sum(jnp.where(cut(where), _ppo(s, cut(advantage), cut(old)), 0))
+
+    value, pull = jax.vjp(explicit, hidden, kernel, bias)
+    chex.assert_trees_all_close(
+        out["ppo T=0.7"][1], (value, pull(_cotangent(value))), rtol=TOL, atol=TOL
+    )
+
+
+def test_token_objective_masked_nan_rows_vmap_and_bf16(rng):
+    hidden, kernel, bias, tokens, where, _ = draw(rng)
+    tokens[0, 2] = 0
+    advantage = rng.standard_normal((B, T)).astype(np.float32)
+    f = lambda x, t, w, a: jxent.token_objective(
+        x, t, lambda s, a: -a * s.log_prob - 0.1 * s.entropy, shift=True, args=(a,), where=w
+    )
+    fused = lambda h, t, w, a, c=CHUNK: f(LinearLogits(h, kernel, bias, chunk_size=c), t, w, a)
+    shifted = where.copy()
+    shifted[:, 1] = False  # hidden row 0 scores token 1: not counted
+    # shift=True: hidden row i scores token i + 1; the last row scores nothing.
+    unused = np.ones((B, T), bool)
+    unused[:, :-1] = ~shifted[:, 1:]
+    nan = np.where(unused[..., None], np.nan, hidden).astype(np.float32)
+    value, grad = jax.jit(jax.value_and_grad(fused))(nan, tokens, shifted, advantage)
+    clean = np.where(np.isnan(nan), 0, nan)
+    dense_f = lambda h: f(dense(h, kernel, bias), tokens, shifted, advantage)
+    want = jax.jit(jax.value_and_grad(dense_f))(clean)
+    chex.assert_trees_all_close((value, grad), want, rtol=TOL, atol=TOL)
+    assert not np.any(np.asarray(grad)[np.isnan(nan)])
+    none = jax.jit(jax.value_and_grad(fused))(hidden, tokens, np.zeros_like(where), advantage)
+    assert float(none[0]) == 0.0 and not np.any(np.asarray(none[1]))
+    mapped = jax.jit(jax.vmap(jax.value_and_grad(fused)))(hidden, tokens, where, advantage)
+    each = [
+        jax.jit(jax.value_and_grad(fused))(hidden[i], tokens[i], where[i], advantage[i])
+        for i in range(B)
+    ]
+    chex.assert_trees_all_close(
+        mapped, jax.tree.map(lambda *x: jnp.stack(x), *each), rtol=TOL, atol=TOL
+    )
+    g = lambda x: f(x, tokens, where, advantage)
+    h16, k16, b16 = (x.astype(jnp.bfloat16) for x in (hidden, kernel, bias))
+    assert_fused_equals_dense(fused_and_dense({"bf16": g}, h16, k16, b16), tol=2e-2)
+
+
 @pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
 def test_distillation_loss(rng, reduction):
     hidden, kernel, bias, tokens, where, _ = draw(rng)
