@@ -23,6 +23,7 @@ four losses are checked to agree before anything is timed.
 
     python benchmarks/linear_ce.py            # the README table (needs ~14 GB free)
     python benchmarks/linear_ce.py --quick    # smaller sizes, a minute or two
+    python benchmarks/linear_ce.py --sizes 4096,512,32768   # one of the README's sizes
 """
 
 from __future__ import annotations
@@ -163,8 +164,14 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="smaller sizes")
     parser.add_argument("--rounds", type=int, default=None, help="timed rounds per size")
+    parser.add_argument(
+        "--sizes",
+        type=lambda text: [tuple(int(x) for x in size.split(",")) for size in text.split(";")],
+        default=None,
+        help='"N,D,V[;N,D,V...]": these sizes instead of the README\'s',
+    )
     args = parser.parse_args()
-    sizes = QUICK_SIZES if args.quick else SIZES
+    sizes = args.sizes or (QUICK_SIZES if args.quick else SIZES)
     rounds = args.rounds or (5 if args.quick else 3)
 
     print(

@@ -42,6 +42,7 @@ temporaries are one chunk of logits, not ``N × V``.
     python benchmarks/token_level.py            # the README table (~10 min on 2 CPU cores)
     python benchmarks/token_level.py --quick    # tiny sizes, a smoke run
     python benchmarks/token_level.py --sizes 8192,1024,131072 --memory-sizes 8192,1024,131072
+    python benchmarks/token_level.py --chunk-size 192 --no-memory   # another chunk size
 """
 
 from __future__ import annotations
@@ -78,12 +79,18 @@ def log(message: str) -> None:
 
 # --- the jax programs -------------------------------------------------------------------
 
+CHUNK_SIZE = None  # --chunk-size: positions per chunk of the fused programs (None: default)
+
+
+def fused_logits(hidden, kernel):
+    return jxent.LinearLogits(hidden, kernel, chunk_size=CHUNK_SIZE)
+
 
 def stats_objective(fused: bool):
     """``Σ a·log_prob + c·entropy`` of ``token_stats`` on fused or materialised logits."""
 
     def objective(hidden, kernel, tokens, a, c):
-        logits = jxent.LinearLogits(hidden, kernel) if fused else hidden @ kernel
+        logits = fused_logits(hidden, kernel) if fused else hidden @ kernel
         stats = jxent.token_stats(logits, tokens, shift=False)
         return jnp.sum(a * stats.log_prob + c * stats.entropy)
 
@@ -94,7 +101,7 @@ def objective_sum(fused: bool):
     """(a)'s objective as ``token_objective``: the fused gradient is formed in the forward pass."""
 
     def objective(hidden, kernel, tokens, a, c):
-        logits = jxent.LinearLogits(hidden, kernel) if fused else hidden @ kernel
+        logits = fused_logits(hidden, kernel) if fused else hidden @ kernel
         fn = lambda stats, a, c: a * stats.log_prob + c * stats.entropy
         return jxent.token_objective(logits, tokens, fn, shift=False, args=(a, c))
 
@@ -105,7 +112,7 @@ def stats_forward(fused: bool):
     """``(log_prob, entropy)`` per position: a frozen reference model's pass."""
 
     def forward(hidden, kernel, tokens):
-        logits = jxent.LinearLogits(hidden, kernel) if fused else hidden @ kernel
+        logits = fused_logits(hidden, kernel) if fused else hidden @ kernel
         stats = jxent.token_stats(logits, tokens, shift=False)
         return stats.log_prob, stats.entropy
 
@@ -117,8 +124,8 @@ def distillation(fused: bool):
 
     def loss(hidden, kernel, teacher_hidden, teacher_kernel):
         if fused:
-            student = jxent.LinearLogits(hidden, kernel)
-            teacher = jxent.LinearLogits(teacher_hidden, teacher_kernel)
+            student = fused_logits(hidden, kernel)
+            teacher = fused_logits(teacher_hidden, teacher_kernel)
         else:
             student, teacher = hidden @ kernel, teacher_hidden @ teacher_kernel
         return jxent.distillation_loss(student, teacher, divergence="kl", reduction="mean")
@@ -381,16 +388,25 @@ def main() -> None:
         "--memory-sizes", type=parse_size, default=None, help="N,D,V of the memory table"
     )
     parser.add_argument("--no-torch", action="store_true", help="skip the PyTorch reference")
+    parser.add_argument(
+        "--chunk-size", type=int, default=None, help="positions per fused chunk (default: jxent's)"
+    )
     parser.add_argument("--no-memory", action="store_true", help="skip the memory table")
     args = parser.parse_args()
     size = args.sizes or (QUICK_SIZES if args.quick else SIZES)
+    global CHUNK_SIZE
+    CHUNK_SIZE = args.chunk_size
     memory_size = args.memory_sizes or (QUICK_MEMORY_SIZES if args.quick else MEMORY_SIZES)
     use_torch = None if args.no_torch else torch_device()
 
     load_before = os.getloadavg()
     print(f"# token-level quantities, fused vs materialised, float32, N, D, V = {size}")
     print(platform_line(use_torch))
-    print(f"median of {args.repeats} alternating rounds; times include the gradient where stated")
+    chunk = "default" if CHUNK_SIZE is None else CHUNK_SIZE
+    print(
+        f"median of {args.repeats} alternating rounds; times include the gradient where "
+        f"stated; fused chunk size: {chunk}"
+    )
     print()
     times, temps = measure(size, args.repeats, use_torch)
     print("| workload | candidate | median ms | ÷ materialised | ÷ torch | temp (MiB) |")

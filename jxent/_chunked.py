@@ -40,16 +40,20 @@ loss is bound by its products, so three beat four, and token chunks run the
 dense core as it is, where vocabulary blocks would need every option
 rewritten as an online reduction.
 
-The default chunk (:func:`default_chunk_size`) is ``min(2**25 / V, N / 32)``
-positions, at least 192, where ``V`` counts the classes of every
-``LinearLogits`` chunked together: at most 128 MiB of float32 logits, and
-temporaries about ``1/32`` of the materialised ones. Chunk size ``C``,
-time ÷ materialised, at ``N, D, V = 4096, 512, 32768``: ``C = 128``: 1.02,
-192: 0.92, 256: 0.90, 512: 0.87; at ``2048, 1024, 131072``: 128: 1.19, 192:
-1.07, 256: 0.96 — each chunk streams the kernel twice and its gradient once,
-and below ~200 positions that traffic sets the pace. The compiled memory
-figures of the fused functions are printed by ``benchmarks/linear_ce.py``
-and ``benchmarks/token_level.py``.
+The default chunk (:func:`default_chunk_size`) is ``min(2**25 / V, max(N /
+32, 256))`` positions, at least 192, where ``V`` counts the classes of every
+``LinearLogits`` chunked together: at most 128 MiB of float32 logits (unless
+the floor needs more), and temporaries about ``1/32`` of the materialised
+ones once ``N ≥ 8192``. Below a few hundred positions each chunk's products
+run slower, since every chunk streams the kernel twice and its gradient once:
+fused
+cross-entropy, time ÷ materialised, at ``N, D, V = 4096, 512, 32768``: ``C =
+128``: 1.02, 192: 0.92, 256: 0.90, 512: 0.87; at ``2048, 1024, 131072``:
+128: 1.19, 192: 1.07, 256: 0.96 (0.1's measurements); the gradient of
+``token_stats`` (workload (a) of ``benchmarks/token_level.py``, whose
+``--chunk-size`` option sets ``C``) is likewise faster at 256 than at 192.
+The compiled memory figures of the fused functions are printed by
+``benchmarks/linear_ce.py`` and ``benchmarks/token_level.py``.
 
 Three details keep the temporaries small and flat in ``N``: the last chunk is
 moved back to end at ``N`` instead of padding (no copy of ``hidden``),
@@ -83,17 +87,20 @@ __all__ = ["Rule", "chunked", "default_chunk_size", "split_traced"]
 # fraction of the positions, but at least this many positions.
 _CHUNK_ELEMENTS = 1 << 25
 _MIN_CHUNKS = 32
+_CPU_CHUNK = 256  # on CPU the fraction of the positions gives way up to this many
 _MIN_CHUNK = 192
 
 
 def default_chunk_size(num_tokens: int, num_classes: int, backend: str | None = None) -> int:
     """Positions per chunk when ``chunk_size=None``.
 
-    On CPU: ``min(2**25 / V, N / 32)``, but at least 192 (and at most ``N``),
-    rounded down to a multiple of 8. The first bound caps the chunk's logits
-    at 128 MiB; the second keeps the temporaries near 1/32 of what the
-    materialised logits and their gradient would take; the floor keeps the
-    products efficient. On an accelerator (GPU, TPU) the chunk takes the
+    On CPU: ``min(2**25 / V, max(N / 32, 256))``, but at least 192 (and at
+    most ``N``), rounded down to a multiple of 8. The first bound caps the
+    chunk's logits at 128 MiB; the second keeps the temporaries near 1/32 of
+    what the materialised logits and their gradient would take, or at 256
+    positions for smaller ``N``, where the products run faster than at 192
+    (``benchmarks/token_level.py --chunk-size``); the floor keeps the products
+    efficient at the largest vocabularies. On an accelerator (GPU, TPU) the chunk takes the
     whole 128 MiB budget, ``2**25 / V`` rows: there, chunks of a few hundred
     rows leave the device idle between small products (measured on an H200
     by ``benchmarks/token_level.py``: 192-row chunks ran 1.7-3.3x slower
@@ -101,7 +108,7 @@ def default_chunk_size(num_tokens: int, num_classes: int, backend: str | None = 
     """
     cap = _CHUNK_ELEMENTS // max(num_classes, 1)
     if (backend or jax.default_backend()) == "cpu":
-        cap = min(cap, num_tokens // _MIN_CHUNKS)
+        cap = min(cap, max(num_tokens // _MIN_CHUNKS, _CPU_CHUNK))
     chunk = max(_MIN_CHUNK, cap // 8 * 8)
     return max(1, min(chunk, num_tokens))
 

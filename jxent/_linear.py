@@ -38,8 +38,8 @@ class LinearLogits:
         table per call, outside the loop).
       bias: ``[V]`` or ``None``.
       chunk_size: positions per chunk (static); ``None`` takes
-        ``min(2**25 / V, N / 32)``, at least 192 and at most ``N``. It changes
-        speed and memory, not the result (beyond float rounding).
+        ``min(2**25 / V, max(N / 32, 256))``, at least 192 and at most ``N``.
+        It changes speed and memory, not the result (beyond float rounding).
 
     Inside ``shard_map`` with ``vocab_axis_name``, ``kernel`` and ``bias`` are
     this device's shard of the classes (``V / shards`` consecutive classes).
@@ -178,8 +178,8 @@ def linear_cross_entropy(
       logit_softcap: ``c`` replaces the logits with ``c · tanh(z / c)`` first.
       reduction: ``"mean"`` (÷ the targets' total weight), ``"sum"`` or
         ``"none"`` (per position, 0 where not counted).
-      chunk_size: positions per chunk; ``None`` takes ``min(2**25 / V, N / 32)``
-        (at most 128 MiB of float32 logits), at least 192 and at most ``N``.
+      chunk_size: positions per chunk; ``None`` takes ``min(2**25 / V, max(N / 32,
+        256))`` (at most 128 MiB of float32 logits), at least 192 and at most ``N``.
         It changes speed and memory, not the result (beyond float rounding).
       vocab_axis_name: inside ``jax.shard_map``, the mesh axis along which
         ``kernel``, ``bias`` and ``class_weights`` are sharded (each shard

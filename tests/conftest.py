@@ -54,6 +54,7 @@ SLOW = (
     "tests/test_fused.py::test_sequence_nll_and_nll_stats",
     "tests/test_fused.py::test_tied_embedding_bf16_and_chunk_sizes",
     "tests/test_fused.py::test_token_stats",
+    "tests/test_fused.py::test_token_objective",
     "tests/test_fused.py::test_distillation_loss",
     # numerical gradient checks, forward mode and per-axis sweeps: one compile per case
     "tests/test_information.py::test_check_grads_interior",
