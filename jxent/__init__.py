@@ -19,7 +19,7 @@ from ._tokens import TokenStats as TokenStats
 from ._tokens import token_objective as token_objective
 from ._tokens import token_stats as token_stats
 
-__version__ = "0.2.0"
+__version__ = "0.3.0"
 
 __all__ = [
     "LinearLogits",
