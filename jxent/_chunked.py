@@ -3,8 +3,9 @@
 :class:`LinearLogits` stands for the logits ``hidden @ kernel + bias`` without
 computing them. Every token-level function that accepts it
 (``softmax_cross_entropy``, ``sequence_nll``, ``nll_stats``, ``token_stats``,
-``distillation_loss``) runs its own dense per-position core on chunks of
-positions through :func:`chunked`, so no option is derived twice:
+``token_objective``, ``distillation_loss``) runs its own dense per-position
+core on chunks of positions through :func:`chunked`, so no option is derived
+twice:
 
 * for each chunk of ``C`` positions, the logits of every ``LinearLogits``
   (student and teacher are chunked together) are formed as a ``[C, V]``
@@ -12,11 +13,11 @@ positions through :func:`chunked`, so no option is derived twice:
   per-position outputs; ``jax.vjp`` of the core gives ``∂/∂logits``, and
   three products turn that into ``∂/∂hidden`` rows, ``∂/∂kernel`` (added in
   place a block of classes at a time) and ``∂/∂bias``;
-* ``mode="sum"`` (reductions ``"mean"``/``"sum"``, ``nll_stats``) returns the
-  sums over positions, which are linear in the per-position outputs: a
-  differentiated call computes the gradients in the forward pass (three
-  products per chunk for one ``LinearLogits``) and the backward pass scales
-  them by the cotangent;
+* ``mode="sum"`` (reductions ``"mean"``/``"sum"``, ``nll_stats``,
+  ``token_objective``) returns the sums over positions, which are linear in
+  the per-position outputs: a differentiated call computes the gradients in
+  the forward pass (three products per chunk for one ``LinearLogits``) and
+  the backward pass scales them by the cotangent;
 * ``mode="positions"`` (``reduction="none"``, ``token_stats``, per-sequence
   normalisation) returns per-position outputs, whose cotangents only the
   backward pass knows: that pass recomputes each chunk's logits (four

@@ -24,8 +24,8 @@ class LinearLogits:
 
     Pass it wherever a token-level function takes ``logits`` with the class
     axis last: ``softmax_cross_entropy`` (integer targets), ``sequence_nll``,
-    ``nll_stats``, ``token_stats`` and either argument of
-    ``distillation_loss``. Values and gradients (for ``hidden``, ``kernel``
+    ``nll_stats``, ``token_stats``, ``token_objective`` and either argument
+    of ``distillation_loss``. Values and gradients (for ``hidden``, ``kernel``
     and ``bias``) equal those of the same call on the materialised
     ``hidden @ kernel + bias``; memory is one chunk of positions × ``V``.
 

@@ -5,7 +5,10 @@ Each quantity is a per-position *core* on logits with the class axis last
 combines shards), wrapped by a public function that validates everything
 once (distillation, built the same way, is in ``jxent._distillation``). The
 cores take validated inputs only, so the fused engine
-(``LinearLogits``) calls the same cores on chunks ``[C, V]`` of logits.
+(``LinearLogits``) calls the same cores on chunks ``[C, V]`` of logits:
+``token_stats`` per position (with a one-pass pullback, a ``Rule``), and
+``token_objective``, the sum of a per-token function of the statistics, as
+a sum whose gradient the engine forms in the forward pass.
 
 Numerics: every quantity stays relative to the per-position maximum ``top``
 (no gradient). With ``d = (x − top) / T`` and ``S = Σ_c exp d_c``:
