@@ -131,6 +131,21 @@ def _token_stats_saved(logits, tokens, counted, temperature, ops: ClassOps):
     return stats, (top, log_total, mean_d)
 
 
+def _checked(logits, tokens, where, shift, vocab_axis_name, function: str):
+    """Validated, aligned ``(logits, index, counted, ops)`` for ``token_stats``/``token_objective``.
+
+    ``logits`` stays a :class:`LinearLogits` (positions sliced for ``shift``)
+    or becomes a float array; ``index`` and ``counted`` are from
+    :func:`class_ids`.
+    """
+    if not isinstance(logits, LinearLogits):
+        logits = float_logits(logits, "logits")
+    logits, tokens, where = _aligned(logits, tokens, where, shift, function)
+    ops = ClassOps(logits.ndim - 1, vocab_axis_name, logits.shape[-1])
+    index, counted = class_ids(tokens, where, logits.shape[:-1], ops, name="tokens")
+    return logits, index, counted, ops
+
+
 def token_stats(
     logits: Float[ArrayLike, "*batch T V"],
     tokens: Int[ArrayLike, "*batch T"],
@@ -193,15 +208,11 @@ def token_stats(
       Array([[ True, False]], dtype=bool)
     """
     temperature = parse_temperature(temperature)
-    fused = isinstance(logits, LinearLogits)
-    if not fused:
-        logits = float_logits(logits, "logits")
-    logits, tokens, where = _aligned(logits, tokens, where, shift, "token_stats")
-    num_local = logits.shape[-1]
-    ops = ClassOps(logits.ndim - 1, vocab_axis_name, num_local)
+    logits, index, counted, ops = _checked(
+        logits, tokens, where, shift, vocab_axis_name, "token_stats"
+    )
     positions = logits.shape[:-1]
-    index, counted = class_ids(tokens, where, positions, ops, name="tokens")
-    if not fused:
+    if not isinstance(logits, LinearLogits):
         return token_stats_core(logits, index, counted, temperature, ops)
     static, traced = split_traced(temperature=temperature)
     n = math.prod(positions)
@@ -283,9 +294,6 @@ def token_objective(
     if not isinstance(args, tuple):
         raise TypeError(f"args must be a tuple of [..., T] arrays, got {type(args).__name__}")
     temperature = parse_temperature(temperature)
-    fused = isinstance(logits, LinearLogits)
-    if not fused:
-        logits = float_logits(logits, "logits")
     full = jnp.shape(tokens)
     args = tuple(jax.lax.stop_gradient(jnp.asarray(a)) for a in args)
     for k, a in enumerate(args):
@@ -294,16 +302,15 @@ def token_objective(
                 f"args[{k}] has shape {a.shape} but tokens has shape {full}; each "
                 "of args holds one value per token position [..., T]"
             )
-    logits, tokens, where = _aligned(logits, tokens, where, shift, "token_objective")
+    logits, index, counted, ops = _checked(
+        logits, tokens, where, shift, vocab_axis_name, "token_objective"
+    )
     if shift:
         args = tuple(a[..., 1:] for a in args)
-    num_local = logits.shape[-1]
-    ops = ClassOps(logits.ndim - 1, vocab_axis_name, num_local)
     positions = logits.shape[:-1]
-    index, counted = class_ids(tokens, where, positions, ops, name="tokens")
     dtype = float_dtype(logits.dtype)
     _check_objective(fn, positions, dtype, args)
-    if not fused:
+    if not isinstance(logits, LinearLogits):
         stats = token_stats_core(logits, index, counted, temperature, ops)
         return jnp.sum(_objective_values(fn, stats, args, counted, dtype))
     static, traced = split_traced(temperature=temperature)
