@@ -40,6 +40,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import torch
+from _report import add_argument, report
 
 import jxent
 
@@ -170,40 +171,45 @@ def main():
         default=None,
         help='"N,D,V[;N,D,V...]": these sizes instead of the README\'s',
     )
+    add_argument(parser)
     args = parser.parse_args()
-    sizes = args.sizes or (QUICK_SIZES if args.quick else SIZES)
-    rounds = args.rounds or (5 if args.quick else 3)
+    with report(args.update_docs):
+        sizes = args.sizes or (QUICK_SIZES if args.quick else SIZES)
+        rounds = args.rounds or (5 if args.quick else 3)
 
-    print(
-        f"CPU: {platform.processor() or platform.machine()}, {os.cpu_count()} cores; "
-        f"jax {jax.__version__}, torch {torch.__version__} ({torch.get_num_threads()} threads); "
-        f"float32, forward + backward, median of {rounds} alternating rounds"
-    )
-    header = (
-        f"| {'N, D, V':<20} | {'implementation':<19} | {'time (s)':>8} | "
-        f"{'÷ jxent materialised':>20} | {'÷ torch chunked':>15} | "
-        f"{'temp (MiB)':>10} | {'peak (MiB)':>10} |"
-    )
-    print(header)
-    print("|" + "|".join("-" * (len(c)) for c in header.split("|")[1:-1]) + "|")
-    loads = []
-    for size in sizes:
-        load_before = os.getloadavg()[0]
-        results = measure(size, rounds)
-        loads.append(f"{', '.join(map(str, size))}: {load_before:.1f} -> {os.getloadavg()[0]:.1f}")
-        for name in NAMES:
-            r = results[name]
-            temp = "—" if r["temp"] is None else f"{r['temp']:.0f}"
-            peak = "—" if r["peak"] is None else f"{r['peak']:.0f}"
-            print(
-                f"| {', '.join(map(str, size)):<20} | {name:<19} | {r['time']:>8.2f} | "
-                f"{r['vs_materialised']:>20.2f} | {r['vs_torch_chunked']:>15.2f} | "
-                f"{temp:>10} | {peak:>10} |",
-                flush=True,
+        print(
+            f"CPU: {platform.processor() or platform.machine()}, {os.cpu_count()} cores; "
+            f"jax {jax.__version__}, torch {torch.__version__} "
+            f"({torch.get_num_threads()} threads); "
+            f"float32, forward + backward, median of {rounds} alternating rounds"
+        )
+        header = (
+            f"| {'N, D, V':<20} | {'implementation':<19} | {'time (s)':>8} | "
+            f"{'÷ jxent materialised':>20} | {'÷ torch chunked':>15} | "
+            f"{'temp (MiB)':>10} | {'peak (MiB)':>10} |"
+        )
+        print(header)
+        print("|" + "|".join("-" * (len(c)) for c in header.split("|")[1:-1]) + "|")
+        loads = []
+        for size in sizes:
+            load_before = os.getloadavg()[0]
+            results = measure(size, rounds)
+            loads.append(
+                f"{', '.join(map(str, size))}: {load_before:.1f} -> {os.getloadavg()[0]:.1f}"
             )
-        release_free_memory()
-    # This process alone keeps about 2 busy; more means other work shared the CPU.
-    print("1-minute load average before -> after each size: " + "; ".join(loads))
+            for name in NAMES:
+                r = results[name]
+                temp = "—" if r["temp"] is None else f"{r['temp']:.0f}"
+                peak = "—" if r["peak"] is None else f"{r['peak']:.0f}"
+                print(
+                    f"| {', '.join(map(str, size)):<20} | {name:<19} | {r['time']:>8.2f} | "
+                    f"{r['vs_materialised']:>20.2f} | {r['vs_torch_chunked']:>15.2f} | "
+                    f"{temp:>10} | {peak:>10} |",
+                    flush=True,
+                )
+            release_free_memory()
+        # This process alone keeps about 2 busy; more means other work shared the CPU.
+        print("1-minute load average before -> after each size: " + "; ".join(loads))
 
 
 if __name__ == "__main__":

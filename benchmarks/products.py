@@ -24,6 +24,7 @@ import time
 import jax
 import jax.numpy as jnp
 import numpy as np
+from _report import add_argument, report
 
 
 def timed(f, *args, repeats: int) -> float:
@@ -52,45 +53,47 @@ def main() -> None:
     parser.add_argument("--sizes", default="4096,512,32768", help="N,D,V")
     parser.add_argument("--chunk", type=int, default=256, help="positions per chunk")
     parser.add_argument("--repeats", type=int, default=5)
+    add_argument(parser)
     args = parser.parse_args()
-    n, d, v = (int(x) for x in args.sizes.split(","))
-    c = args.chunk
-    k = n // c
-    rng = np.random.default_rng(0)
-    h = jnp.asarray(rng.standard_normal((n, d), np.float32))
-    w = jnp.asarray(rng.standard_normal((d, v), np.float32) / np.sqrt(d))
-    g = jnp.asarray(rng.standard_normal((n, v), np.float32) / v)
-    rows = lambda x, i: jax.lax.dynamic_slice_in_dim(x, i * c, c)
+    with report(args.update_docs):
+        n, d, v = (int(x) for x in args.sizes.split(","))
+        c = args.chunk
+        k = n // c
+        rng = np.random.default_rng(0)
+        h = jnp.asarray(rng.standard_normal((n, d), np.float32))
+        w = jnp.asarray(rng.standard_normal((d, v), np.float32) / np.sqrt(d))
+        g = jnp.asarray(rng.standard_normal((n, v), np.float32) / v)
+        rows = lambda x, i: jax.lax.dynamic_slice_in_dim(x, i * c, c)
 
-    cases = {
-        "logits h @ W": (
-            lambda h, w, g: h @ w,
-            lambda h, w, g: chunked(lambda i: rows(h, i) @ w, k, c, (n, v)),
-        ),
-        "hidden grad g @ Wᵀ": (
-            lambda h, w, g: g @ w.T,
-            lambda h, w, g: chunked(lambda i: rows(g, i) @ w.T, k, c, (n, d)),
-        ),
-        "kernel grad hᵀ @ g": (
-            lambda h, w, g: h.T @ g,
-            lambda h, w, g: jax.lax.fori_loop(
-                0, k, lambda i, dw: dw + rows(h, i).T @ rows(g, i), jnp.zeros((d, v))
+        cases = {
+            "logits h @ W": (
+                lambda h, w, g: h @ w,
+                lambda h, w, g: chunked(lambda i: rows(h, i) @ w, k, c, (n, v)),
             ),
-        ),
-    }
-    flops = 2 * n * d * v
-    print(f"# float32 products, N, D, V = {n}, {d}, {v}; chunks of {c} positions ({k} chunks)")
-    print(f"jax {jax.__version__} ({jax.default_backend()}), median of {args.repeats}\n")
-    print("| product | all N positions (ms) | GFLOP/s | in chunks (ms) | GFLOP/s |")
-    print("|---|---:|---:|---:|---:|")
-    for name, (whole, parts) in cases.items():
-        t_whole = timed(whole, h, w, g, repeats=args.repeats)
-        t_parts = timed(parts, h, w, g, repeats=args.repeats)
-        print(
-            f"| {name} | {1e3 * t_whole:.0f} | {flops / t_whole / 1e9:.0f} | "
-            f"{1e3 * t_parts:.0f} | {flops / t_parts / 1e9:.0f} |",
-            flush=True,
-        )
+            "hidden grad g @ Wᵀ": (
+                lambda h, w, g: g @ w.T,
+                lambda h, w, g: chunked(lambda i: rows(g, i) @ w.T, k, c, (n, d)),
+            ),
+            "kernel grad hᵀ @ g": (
+                lambda h, w, g: h.T @ g,
+                lambda h, w, g: jax.lax.fori_loop(
+                    0, k, lambda i, dw: dw + rows(h, i).T @ rows(g, i), jnp.zeros((d, v))
+                ),
+            ),
+        }
+        flops = 2 * n * d * v
+        print(f"# float32 products, N, D, V = {n}, {d}, {v}; chunks of {c} positions ({k} chunks)")
+        print(f"jax {jax.__version__} ({jax.default_backend()}), median of {args.repeats}\n")
+        print("| product | all N positions (ms) | GFLOP/s | in chunks (ms) | GFLOP/s |")
+        print("|---|---:|---:|---:|---:|")
+        for name, (whole, parts) in cases.items():
+            t_whole = timed(whole, h, w, g, repeats=args.repeats)
+            t_parts = timed(parts, h, w, g, repeats=args.repeats)
+            print(
+                f"| {name} | {1e3 * t_whole:.0f} | {flops / t_whole / 1e9:.0f} | "
+                f"{1e3 * t_parts:.0f} | {flops / t_parts / 1e9:.0f} |",
+                flush=True,
+            )
 
 
 if __name__ == "__main__":

@@ -24,6 +24,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from _report import add_argument, report
 
 import jxent
 
@@ -47,9 +48,7 @@ def make_candidates(n: int, v: int, seed: int = 0):
     targets_pad = jnp.asarray(targets_np)
     weights = jnp.asarray(weights_np)
 
-    jx_default = jax.jit(
-        jax.value_and_grad(lambda x, t: jxent.softmax_cross_entropy(x, t))
-    )
+    jx_default = jax.jit(jax.value_and_grad(lambda x, t: jxent.softmax_cross_entropy(x, t)))
     jx_options = jax.jit(
         jax.value_and_grad(
             lambda x, t, w: jxent.softmax_cross_entropy(
@@ -111,31 +110,33 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=15)
     parser.add_argument("--quick", action="store_true", help="small sizes, for a smoke run")
+    add_argument(parser)
     args = parser.parse_args()
-    sizes = [(1024, 8192)] if args.quick else [(8192, 32000), (2048, 131072)]
+    with report(args.update_docs):
+        sizes = [(1024, 8192)] if args.quick else [(8192, 32000), (2048, 131072)]
 
-    machine = platform.processor() or platform.machine()
-    print(
-        f"# softmax cross-entropy, forward+backward, float32, CPU ({machine}, "
-        f"{os.cpu_count()} cores, jax {jax.__version__}, optax {optax.__version__}"
-        + (f", torch {__import__('torch').__version__}" if _has_torch() else "")
-        + f"); median of {args.repeats} alternating rounds"
-    )
-    print()
-    print("| N × V | candidate | median ms | ratio to optax | ratio to floor |")
-    print("|---|---|---:|---:|---:|")
-    for n, v in sizes:
-        times = bench(n, v, args.repeats)
-        for name in times:
-            med = statistics.median(times[name]) * 1e3
-            print(
-                f"| {n}×{v} | {name} | {med:.1f} | {paired_ratio(times, name, 'optax'):.3f} "
-                f"| {paired_ratio(times, name, 'floor (1 r+w pass)'):.2f} |"
-            )
+        machine = platform.processor() or platform.machine()
         print(
-            f"| {n}×{v} | *jxent+options / jxent* | | "
-            f"{paired_ratio(times, 'jxent+options', 'jxent'):.3f} | |"
+            f"# softmax cross-entropy, forward+backward, float32, CPU ({machine}, "
+            f"{os.cpu_count()} cores, jax {jax.__version__}, optax {optax.__version__}"
+            + (f", torch {__import__('torch').__version__}" if _has_torch() else "")
+            + f"); median of {args.repeats} alternating rounds"
         )
+        print()
+        print("| N × V | candidate | median ms | ratio to optax | ratio to floor |")
+        print("|---|---|---:|---:|---:|")
+        for n, v in sizes:
+            times = bench(n, v, args.repeats)
+            for name in times:
+                med = statistics.median(times[name]) * 1e3
+                print(
+                    f"| {n}×{v} | {name} | {med:.1f} | {paired_ratio(times, name, 'optax'):.3f} "
+                    f"| {paired_ratio(times, name, 'floor (1 r+w pass)'):.2f} |"
+                )
+            print(
+                f"| {n}×{v} | *jxent+options / jxent* | | "
+                f"{paired_ratio(times, 'jxent+options', 'jxent'):.3f} | |"
+            )
 
 
 def _has_torch() -> bool:

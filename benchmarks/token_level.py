@@ -57,6 +57,7 @@ import time
 import jax
 import jax.numpy as jnp
 import numpy as np
+from _report import add_argument, report
 
 import jxent
 
@@ -128,7 +129,9 @@ def distillation(fused: bool):
             teacher = fused_logits(teacher_hidden, teacher_kernel)
         else:
             student, teacher = hidden @ kernel, teacher_hidden @ teacher_kernel
-        return jxent.distillation_loss(student, teacher, divergence="kl", reduction="mean")
+        return jxent.distillation_loss(
+            student, teacher, shift=False, divergence="kl", reduction="mean"
+        )
 
     return jax.value_and_grad(loss, argnums=(0, 1))
 
@@ -392,71 +395,74 @@ def main() -> None:
         "--chunk-size", type=int, default=None, help="positions per fused chunk (default: jxent's)"
     )
     parser.add_argument("--no-memory", action="store_true", help="skip the memory table")
+    add_argument(parser)
     args = parser.parse_args()
-    size = args.sizes or (QUICK_SIZES if args.quick else SIZES)
-    global CHUNK_SIZE
-    CHUNK_SIZE = args.chunk_size
-    memory_size = args.memory_sizes or (QUICK_MEMORY_SIZES if args.quick else MEMORY_SIZES)
-    use_torch = None if args.no_torch else torch_device()
+    with report(args.update_docs):
+        size = args.sizes or (QUICK_SIZES if args.quick else SIZES)
+        global CHUNK_SIZE
+        CHUNK_SIZE = args.chunk_size
+        memory_size = args.memory_sizes or (QUICK_MEMORY_SIZES if args.quick else MEMORY_SIZES)
+        use_torch = None if args.no_torch else torch_device()
 
-    load_before = os.getloadavg()
-    print(f"# token-level quantities, fused vs materialised, float32, N, D, V = {size}")
-    print(platform_line(use_torch))
-    chunk = "default" if CHUNK_SIZE is None else CHUNK_SIZE
-    print(
-        f"median of {args.repeats} alternating rounds; times include the gradient where "
-        f"stated; fused chunk size: {chunk}"
-    )
-    print()
-    times, temps = measure(size, args.repeats, use_torch)
-    print("| workload | candidate | median ms | ÷ materialised | ÷ torch | temp (MiB) |")
-    print("|---|---|---:|---:|---:|---:|")
-    for workload, title in WORKLOADS.items():
-        for kind in KINDS:
-            key = (workload, kind)
-            if key not in times:
-                continue
-            to_torch = (
-                f"{paired(times, key, (workload, 'torch')):.2f}"
-                if (workload, "torch") in times
-                else "—"
-            )
-            temp = mib(temps[key]) if key in temps else "—"
+        load_before = os.getloadavg()
+        print(f"# token-level quantities, fused vs materialised, float32, N, D, V = {size}")
+        print(platform_line(use_torch))
+        chunk = "default" if CHUNK_SIZE is None else CHUNK_SIZE
+        print(
+            f"median of {args.repeats} alternating rounds; times include the gradient where "
+            f"stated; fused chunk size: {chunk}"
+        )
+        print()
+        times, temps = measure(size, args.repeats, use_torch)
+        print("| workload | candidate | median ms | ÷ materialised | ÷ torch | temp (MiB) |")
+        print("|---|---|---:|---:|---:|---:|")
+        for workload, title in WORKLOADS.items():
+            for kind in KINDS:
+                key = (workload, kind)
+                if key not in times:
+                    continue
+                to_torch = (
+                    f"{paired(times, key, (workload, 'torch')):.2f}"
+                    if (workload, "torch") in times
+                    else "—"
+                )
+                temp = mib(temps[key]) if key in temps else "—"
+                print(
+                    f"| ({workload}) {title} | {kind} | {statistics.median(times[key]) * 1e3:.0f} "
+                    f"| {paired(times, key, (workload, 'materialised')):.3f} "
+                    f"| {to_torch} | {temp} |",
+                    flush=True,
+                )
+        load_after = os.getloadavg()
+        print()
+        print(
+            "load average (1, 5, 15 min) before: "
+            + ", ".join(f"{x:.2f}" for x in load_before)
+            + "; after: "
+            + ", ".join(f"{x:.2f}" for x in load_after)
+            + f" ({os.cpu_count()} cores; this process alone keeps about 2 busy on CPU)"
+        )
+
+        if args.no_memory:
+            return
+        n, d, v = memory_size
+        print()
+        print(f"## compiled temp memory (MiB), N, D, V = {memory_size}; fused also at 4N and 16N")
+        print()
+        print(
+            f"| workload | materialised | fused | fused ÷ materialised | fused at {4 * n} "
+            f"| fused at {16 * n} |"
+        )
+        print("|---|---:|---:|---:|---:|---:|")
+        for workload, title in WORKLOADS.items():
+            log(f"memory ({workload}): compiling at {memory_size} and 4N, 16N")
+            dense = temp_bytes(workload, False, memory_size)
+            fused = [temp_bytes(workload, True, (m * n, d, v)) for m in (1, 4, 16)]
             print(
-                f"| ({workload}) {title} | {kind} | {statistics.median(times[key]) * 1e3:.0f} "
-                f"| {paired(times, key, (workload, 'materialised')):.3f} | {to_torch} | {temp} |",
+                f"| ({workload}) {title} | {mib(dense)} | {mib(fused[0])} "
+                f"| {fused[0] / dense:.2%} | {mib(fused[1])} | {mib(fused[2])} |",
                 flush=True,
             )
-    load_after = os.getloadavg()
-    print()
-    print(
-        "load average (1, 5, 15 min) before: "
-        + ", ".join(f"{x:.2f}" for x in load_before)
-        + "; after: "
-        + ", ".join(f"{x:.2f}" for x in load_after)
-        + f" ({os.cpu_count()} cores; this process alone keeps about 2 busy on CPU)"
-    )
-
-    if args.no_memory:
-        return
-    n, d, v = memory_size
-    print()
-    print(f"## compiled temp memory (MiB), N, D, V = {memory_size}; fused also at 4N and 16N")
-    print()
-    print(
-        f"| workload | materialised | fused | fused ÷ materialised | fused at {4 * n} "
-        f"| fused at {16 * n} |"
-    )
-    print("|---|---:|---:|---:|---:|---:|")
-    for workload, title in WORKLOADS.items():
-        log(f"memory ({workload}): compiling at {memory_size} and 4N, 16N")
-        dense = temp_bytes(workload, False, memory_size)
-        fused = [temp_bytes(workload, True, (m * n, d, v)) for m in (1, 4, 16)]
-        print(
-            f"| ({workload}) {title} | {mib(dense)} | {mib(fused[0])} "
-            f"| {fused[0] / dense:.2%} | {mib(fused[1])} | {mib(fused[2])} |",
-            flush=True,
-        )
 
 
 if __name__ == "__main__":

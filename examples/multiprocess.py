@@ -454,7 +454,7 @@ def vocab_parallel_distillation_loss(rt: Runtime, src: dict):
 
     def fn(student, teacher, tokens, mask, axis):
         return jxent.distillation_loss(
-            student, jax.lax.stop_gradient(teacher), divergence="jsd", beta=0.3,
+            student, jax.lax.stop_gradient(teacher), shift=False, divergence="jsd", beta=0.3,
             temperature=2.0, where=mask, reduction="none", vocab_axis_name=axis,
         )  # fmt: skip
 

@@ -8,8 +8,8 @@ from ._information import information_content as information_content
 from ._information import js_divergence as js_divergence
 from ._information import kl_divergence as kl_divergence
 from ._information import kl_divergence_from_logits as kl_divergence_from_logits
-from ._linear import LinearLogits as LinearLogits
 from ._linear import linear_cross_entropy as linear_cross_entropy
+from ._logits import LinearLogits as LinearLogits
 from ._sequence import NLLStats as NLLStats
 from ._sequence import nll_stats as nll_stats
 from ._sequence import perplexity as perplexity
@@ -19,7 +19,7 @@ from ._tokens import TokenStats as TokenStats
 from ._tokens import token_objective as token_objective
 from ._tokens import token_stats as token_stats
 
-__version__ = "0.3.0"
+__version__ = "0.4.0"
 
 __all__ = [
     "LinearLogits",

@@ -26,14 +26,13 @@ from jaxtyping import Array, ArrayLike, Bool, Float
 from ._checks import (
     as_float_array,
     check_axis,
-    check_base,
     check_broadcastable,
     check_probabilities,
     check_where,
     float_dtype,
-    to_base,
 )
-from ._reduce import nonnegative
+from ._numerics import nonnegative
+from ._options import check_base, to_base
 
 __all__ = [
     "information_content",

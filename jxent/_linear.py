@@ -1,131 +1,17 @@
-"""Fused linear head and cross-entropy: the public entry points of the chunked engine.
+"""``linear_cross_entropy``: the fused linear head and cross-entropy, in one call.
 
-:class:`LinearLogits` stands for ``hidden @ kernel + bias`` wherever a
-token-level function takes logits; :func:`linear_cross_entropy` is the shorthand for
-``softmax_cross_entropy(LinearLogits(hidden, kernel, bias), targets, ...)``.
-The algorithm, its measurements and the default chunk are described in
-``jxent._chunked``.
+The shorthand for ``softmax_cross_entropy(LinearLogits(hidden, kernel, bias),
+targets, ...)``; the loops behind it are in ``jxent._engine``.
 """
 
 from __future__ import annotations
 
-import jax
-import jax.numpy as jnp
 from jaxtyping import Array, ArrayLike, Bool, Float, Int
 
-from ._checks import float_dtype, static_int
+from ._logits import LinearLogits
+from ._softmax import softmax_cross_entropy
 
-__all__ = ["LinearLogits", "linear_cross_entropy"]
-
-
-@jax.tree_util.register_pytree_node_class
-class LinearLogits:
-    """The logits ``hidden @ kernel + bias``, never materialised.
-
-    Pass it wherever a token-level function takes ``logits`` with the class
-    axis last: ``softmax_cross_entropy`` (integer targets), ``sequence_nll``,
-    ``nll_stats``, ``token_stats``, ``token_objective`` and either argument
-    of ``distillation_loss``. Values and gradients (for ``hidden``, ``kernel``
-    and ``bias``) equal those of the same call on the materialised
-    ``hidden @ kernel + bias``; memory is one chunk of positions × ``V``.
-
-    Args:
-      hidden: ``[..., D]`` hidden states, any float dtype; the leading axes are
-        the positions (``[..., T]`` for the sequence functions).
-      kernel: ``[D, V]``, the Flax ``nnx.Linear``/``nn.Dense`` layout. A tied
-        embedding table ``[V, D]`` (or a PyTorch ``nn.Linear`` weight) is
-        passed as ``emb.T`` (XLA:CPU then makes one transposed copy of the
-        table per call, outside the loop).
-      bias: ``[V]`` or ``None``.
-      chunk_size: positions per chunk (static); ``None`` takes
-        ``min(2**25 / V, max(N / 32, 256))``, at least 192 and at most ``N``.
-        It changes speed and memory, not the result (beyond float rounding).
-
-    Inside ``shard_map`` with ``vocab_axis_name``, ``kernel`` and ``bias`` are
-    this device's shard of the classes (``V / shards`` consecutive classes).
-
-    Forward-mode differentiation is not available through it: the fused
-    functions are a ``jax.custom_vjp``.
-
-    Examples:
-      >>> import jax, jax.numpy as jnp, jxent
-      >>> hidden = jax.random.normal(jax.random.key(0), (6, 4))
-      >>> kernel = jax.random.normal(jax.random.key(1), (4, 10))
-      >>> targets = jnp.array([1, 2, 3, -100, 5, 9])
-      >>> fused = jxent.softmax_cross_entropy(jxent.LinearLogits(hidden, kernel), targets)
-      >>> bool(jnp.allclose(fused, jxent.softmax_cross_entropy(hidden @ kernel, targets)))
-      True
-    """
-
-    def __init__(self, hidden, kernel, bias=None, *, chunk_size: int | None = None):
-        hidden, kernel = jnp.asarray(hidden), jnp.asarray(kernel)
-        for name, x in (("hidden", hidden), ("kernel", kernel)):
-            if not jnp.issubdtype(x.dtype, jnp.floating):
-                raise TypeError(f"{name} must be a floating-point array, got dtype {x.dtype}")
-        if hidden.ndim == 0:
-            raise ValueError("hidden is a scalar; expected [..., D] hidden states")
-        if kernel.ndim != 2 or kernel.shape[0] != hidden.shape[-1]:
-            raise ValueError(
-                f"kernel has shape {kernel.shape} but hidden {hidden.shape} expects "
-                f"({hidden.shape[-1]}, V): the [D, V] Dense layout (pass a tied "
-                "embedding table [V, D] as emb.T)"
-            )
-        if kernel.shape[1] == 0:
-            raise ValueError(f"kernel has shape {kernel.shape}: 0 classes")
-        if bias is not None:
-            bias = jnp.asarray(bias)
-            if not jnp.issubdtype(bias.dtype, jnp.floating):
-                raise TypeError(f"bias must be a floating-point array, got dtype {bias.dtype}")
-            if bias.shape != (kernel.shape[1],):
-                raise ValueError(
-                    f"bias has shape {bias.shape} but kernel {kernel.shape} has "
-                    f"{kernel.shape[1]} classes; expected ({kernel.shape[1]},)"
-                )
-        chunk_size = static_int(chunk_size, "chunk_size")
-        if chunk_size is not None and chunk_size < 1:
-            raise ValueError(f"chunk_size must be None or a positive int, got {chunk_size!r}")
-        self.hidden, self.kernel, self.bias, self.chunk_size = hidden, kernel, bias, chunk_size
-
-    def tree_flatten(self):
-        return (self.hidden, self.kernel, self.bias), self.chunk_size
-
-    @classmethod
-    def tree_unflatten(cls, chunk_size, children):
-        # No validation: JAX rebuilds pytrees with placeholders (tracers, None, objects).
-        out = object.__new__(cls)
-        out.hidden, out.kernel, out.bias = children
-        out.chunk_size = chunk_size
-        return out
-
-    @property
-    def shape(self) -> tuple[int, ...]:
-        """The shape of the logits it stands for: ``hidden.shape[:-1] + (V,)``."""
-        return tuple(self.hidden.shape[:-1]) + (self.kernel.shape[1],)
-
-    @property
-    def ndim(self) -> int:
-        return len(self.shape)
-
-    @property
-    def dtype(self):
-        """The dtype the logits are computed in (float32, or float64 under x64)."""
-        return float_dtype(self.hidden.dtype, self.kernel.dtype)
-
-    def positions(self, index) -> LinearLogits:
-        """The same head on a subset of positions: ``index`` indexes ``hidden.shape[:-1]``.
-
-        ``logits.positions((..., slice(None, -1)))`` stands for ``logits[..., :-1, :]``.
-        """
-        index = index if isinstance(index, tuple) else (index,)
-        hidden = self.hidden[index + (slice(None),)]
-        return LinearLogits(hidden, self.kernel, self.bias, chunk_size=self.chunk_size)
-
-    def __repr__(self) -> str:
-        bias = "None" if self.bias is None else f"{tuple(self.bias.shape)}"
-        return (
-            f"LinearLogits(hidden={tuple(self.hidden.shape)}, kernel={tuple(self.kernel.shape)}, "
-            f"bias={bias}, chunk_size={self.chunk_size})"
-        )
+__all__ = ["linear_cross_entropy"]
 
 
 def linear_cross_entropy(
@@ -178,9 +64,10 @@ def linear_cross_entropy(
       logit_softcap: ``c`` replaces the logits with ``c · tanh(z / c)`` first.
       reduction: ``"mean"`` (÷ the targets' total weight), ``"sum"`` or
         ``"none"`` (per position, 0 where not counted).
-      chunk_size: positions per chunk; ``None`` takes ``min(2**25 / V, max(N / 32,
-        256))`` (at most 128 MiB of float32 logits), at least 192 and at most ``N``.
-        It changes speed and memory, not the result (beyond float rounding).
+      chunk_size: positions per chunk; ``None`` takes the engine's default
+        (about 128 MiB of float32 logits at most: the rule and its
+        measurements are in ``jxent._engine.default_chunk_size``). It changes
+        speed and memory, not the result (beyond float rounding).
       vocab_axis_name: inside ``jax.shard_map``, the mesh axis along which
         ``kernel``, ``bias`` and ``class_weights`` are sharded (each shard
         holds ``V / shards`` consecutive classes, in order; ``targets`` hold
@@ -249,9 +136,6 @@ def linear_cross_entropy(
       >>> bool(jnp.allclose(g_fused, g_full, atol=1e-6))
       True
     """
-    # Imported here: _softmax imports LinearLogits from this module.
-    from ._softmax import softmax_cross_entropy
-
     logits = LinearLogits(hidden, kernel, bias, chunk_size=chunk_size)
     return softmax_cross_entropy(
         logits,

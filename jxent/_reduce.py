@@ -1,17 +1,16 @@
-"""The one reduction path: per-position losses and weights to a scalar.
+"""Reductions: the last of the four steps, and the one place a mean is formed.
 
-Every loss in jxent produces two arrays of the targets' shape: ``loss`` (0 at
-positions that are not counted) and ``weight`` (the position's share of the
-denominator: 1, or the target class's weight, and 0 where not counted). All
-reductions and normalisations are defined from these two, here and only here.
+Every loss in jxent produces per-position ``loss`` (0 at positions that are
+not counted) and ``weight`` (the position's share of the denominator: 1, the
+target class's weight, the token's weight, 0 where not counted), or, from
+the fused engine's sum mode, their sums. Every reduction and normalisation is
+defined from these two, here and only here.
 """
 
 from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
-
-from ._checks import NORMALIZATIONS, REDUCTIONS, check_option
 
 
 def safe_divide(total: jax.Array, count: jax.Array) -> jax.Array:
@@ -24,52 +23,60 @@ def safe_divide(total: jax.Array, count: jax.Array) -> jax.Array:
     return jnp.where(nonzero, total / jnp.where(nonzero, count, 1), 0)
 
 
-def reduce_losses(loss: jax.Array, weight: jax.Array, reduction: str) -> jax.Array:
-    """``"mean"`` = Σ loss / Σ weight, ``"sum"`` = Σ loss, ``"none"`` = ``loss``."""
-    check_option(reduction, "reduction", REDUCTIONS)
-    if reduction == "none":
-        return loss
-    total = jnp.sum(loss)
-    if reduction == "sum":
-        return total
-    return safe_divide(total, jnp.sum(weight))
+def summed(how: str) -> bool:
+    """Whether ``how`` needs only the sums of ``loss`` and ``weight`` (the engine's sum mode)."""
+    return how in ("mean", "tokens", "sum")
 
 
-def normalize_sequences(loss: jax.Array, weight: jax.Array, normalize: str) -> jax.Array:
-    """Sequence normalisations over ``[..., T]`` per-token losses and weights.
+def reduce(loss: jax.Array, weight: jax.Array, how: str, segments=None) -> jax.Array:
+    """Reduce per-position (or, when :func:`summed`, already summed) losses and weights.
 
-    ``"tokens"``: Σ loss / Σ weight over the whole batch (the global token
-    mean). ``"sequences"``: each sequence's own mean over ``T``, then the mean
-    over the sequences with at least one counted token. ``"sum"``: Σ loss.
-    ``"none"``: the per-token array.
+    ``how``: ``"mean"``/``"tokens"`` = Σ loss / Σ weight (the global mean),
+    ``"sum"`` = Σ loss, ``"none"`` = ``loss``, ``"sequences"`` = each
+    sequence's mean over its last axis, then the mean over the sequences with
+    a nonzero weight; with ``segments`` (``[..., T]`` integer ids) each
+    sequence × segment pair is a document, and the mean is over documents.
     """
-    check_option(normalize, "normalize", NORMALIZATIONS)
-    if normalize == "tokens":
-        return reduce_losses(loss, weight, "mean")
-    if normalize == "sum":
-        return reduce_losses(loss, weight, "sum")
-    if normalize == "none":
+    if how == "none":
         return loss
-    per_sequence_weight = jnp.sum(weight, axis=-1)
-    per_sequence = safe_divide(jnp.sum(loss, axis=-1), per_sequence_weight)
-    has_tokens = (per_sequence_weight != 0).astype(per_sequence.dtype)
-    return safe_divide(jnp.sum(per_sequence), jnp.sum(has_tokens))
+    if how == "sequences":
+        return _mean_of_groups(loss, weight, segments)
+    total, count = (loss, weight) if loss.ndim == 0 else (jnp.sum(loss), jnp.sum(weight))
+    return total if how == "sum" else safe_divide(total, count)
 
 
-@jax.custom_jvp
-def nonnegative(x: jax.Array) -> jax.Array:
-    """``x`` with negative values and ``-0.0`` replaced by ``+0.0``; the tangent passes through.
+def _mean_of_groups(loss, weight, segments):
+    """The mean over groups (rows, or rows × segment ids) of each group's weighted mean."""
+    if segments is None:
+        totals, counts = jnp.sum(loss, axis=-1), jnp.sum(weight, axis=-1)
+    else:
+        totals, counts = _document_sums(loss, weight, segments)
+    means = safe_divide(totals, counts)
+    has_tokens = (counts != 0).astype(means.dtype)
+    return safe_divide(jnp.sum(means), jnp.sum(has_tokens))
 
-    Entropies and divergences are ``>= 0``, but float32 rounding gives
-    ``-2e-7`` for near-equal distributions and ``-0.0`` for degenerate ones.
-    Only the value is clamped: the derivative is that of the formula (a clamp
-    in the gradient would zero it exactly where a divergence is minimised).
-    NaN stays NaN. A ``custom_jvp``, so forward and reverse mode both work.
+
+def _document_sums(loss, weight, segments):
+    """Σ loss and Σ weight per (row, segment id): one group per id present in a row.
+
+    The ids of each row are sorted, runs of equal ids numbered, and each
+    position's loss added into its row's slot for that number: ``O(T log T)``
+    per row, whatever values the ids take.
     """
-    return jnp.where((x < 0) | (x == 0), jnp.zeros_like(x), x)
-
-
-@nonnegative.defjvp
-def _nonnegative_jvp(primals, tangents):
-    (x,), (dx,) = primals, tangents
-    return nonnegative(x), dx
+    t = segments.shape[-1]
+    rows = segments.reshape(-1, t)
+    order = jnp.argsort(rows, axis=-1, stable=True)
+    ordered = jnp.take_along_axis(rows, order, axis=-1)
+    starts = jnp.concatenate(
+        [jnp.zeros((rows.shape[0], 1), jnp.int32),
+         (ordered[:, 1:] != ordered[:, :-1]).astype(jnp.int32)], axis=-1
+    )
+    group_sorted = jnp.cumsum(starts, axis=-1)
+    group = jnp.zeros_like(group_sorted).at[
+        jnp.arange(rows.shape[0])[:, None], order
+    ].set(group_sorted)
+    slot = (jnp.arange(rows.shape[0])[:, None] * t + group).reshape(-1)
+    size = rows.shape[0] * t
+    totals = jax.ops.segment_sum(loss.reshape(-1), slot, num_segments=size)
+    counts = jax.ops.segment_sum(weight.reshape(-1), slot, num_segments=size)
+    return totals, counts

@@ -1,206 +1,65 @@
-"""Softmax cross-entropy on logits: ``torch.nn.functional.cross_entropy``, exactly, in JAX."""
+"""Softmax cross-entropy on logits: ``torch.nn.functional.cross_entropy``, exactly, in JAX.
+
+:func:`cross_entropy_core` is the per-position math of every cross-entropy in
+jxent (``softmax_cross_entropy``, ``linear_cross_entropy``, ``sequence_nll``,
+``nll_stats``), on dense logits and on chunks of :class:`~jxent.LinearLogits`
+alike; :func:`cross_entropy_terms` runs it through the engine.
+"""
 
 from __future__ import annotations
-
-import math
 
 import jax
 import jax.numpy as jnp
 from jaxtyping import Array, ArrayLike, Bool, Float, Int
 
-from ._checks import (
-    REDUCTIONS,
-    as_integer_ids,
-    check_axis,
-    check_class_weights,
-    check_fraction,
-    check_loss_mask,
-    check_nonnegative_float,
-    check_option,
-    check_softcap,
-    check_targets_in_range,
-    float_dtype,
-    integer_targets_info,
-    is_static_zero,
-    static_int,
-)
-from ._chunked import chunked, split_traced
-from ._classes import ClassOps, class_weight_vector, take_weight
-from ._linear import LinearLogits
-from ._reduce import safe_divide
+from ._checks import float_dtype
+from ._engine import run
+from ._options import is_static, loss_options, parse_reduction
+from ._positions import Positions, as_logits, class_targets
+from ._positions import class_weights as check_weights
+from ._reduce import reduce, summed
+from ._vocab import ClassOps, class_weight_vector, take_weight
 
 __all__ = ["softmax_cross_entropy"]
 
 
 # Above this |max logit| the class-weighted smoothing sum is shifted by the target
-# logit before it is formed (see _losses).
+# logit before it is formed (see cross_entropy_core).
 _SHIFT_ABOVE = 64.0
 
 
-def parse_loss_options(
+def cross_entropy_core(
+    logits,
+    rows,
+    counted,
     *,
-    ignore_index,
+    axis: int,
+    class_weights,
     label_smoothing,
     z_loss,
-    logit_softcap,
+    logit_softcap: float | None,
+    vocab_axis_name,
 ):
-    """Validate the options shared by every cross-entropy (dense and fused), once.
+    """``(loss, weight)`` per position from validated inputs (math only, no checks).
 
-    ``ignore_index`` and ``logit_softcap`` must be static Python values (the
-    error for a traced ``ignore_index`` says how to make it static);
-    ``label_smoothing`` and ``z_loss`` may also be traced scalars (schedules
-    under ``jit``, checked for range when concrete). Python floats stay Python
-    floats, so the common path is specialised at trace time.
-    """
-    return dict(
-        ignore_index=static_int(ignore_index, "ignore_index"),
-        label_smoothing=check_fraction(label_smoothing, "label_smoothing", traced=True),
-        z_loss=check_nonnegative_float(z_loss, "z_loss", traced=True),
-        logit_softcap=check_softcap(logit_softcap),
-    )
-
-
-def _check_class_axis(logits, axis: int) -> None:
-    if logits.shape[axis] == 0:
-        raise ValueError(
-            f"logits has shape {logits.shape}: 0 classes along axis={axis}; a distribution "
-            "needs at least one class"
-        )
-
-
-def _target_shape_error(targets, logits, axis: int, position_shape) -> Exception:
-    """The most useful message for targets whose shape or dtype does not fit the logits."""
-    shown_axis = axis - logits.ndim if axis == logits.ndim - 1 else axis
-    integer = jnp.issubdtype(targets.dtype, jnp.integer)
-    if integer and targets.shape == logits.shape:
-        return ValueError(
-            f"targets is an integer array ({targets.dtype}) with the logits' shape "
-            f"{logits.shape}: probabilities (e.g. one-hot) need a floating dtype "
-            f"(targets.astype(jnp.float32)); class ids have shape {position_shape} "
-            f"(jnp.argmax(targets, axis={shown_axis}))"
-        )
-    if integer and logits.ndim >= 3 and axis == logits.ndim - 1:
-        torch_positions = logits.shape[:1] + logits.shape[2:]
-        if targets.shape == torch_positions:
-            return ValueError(
-                f"targets has shape {targets.shape} and logits {logits.shape}: this is "
-                "PyTorch's [N, C, d1, ...] layout with the classes on axis 1; pass axis=1 "
-                f"(with axis=-1 the targets would need shape {position_shape})"
-            )
-    if not integer and targets.shape == position_shape:
-        return TypeError(
-            f"targets has floating dtype {targets.dtype} and shape {targets.shape}, the "
-            "shape of class ids: class ids must be integers (targets.astype(jnp.int32)); "
-            f"probability targets would have the logits' shape {logits.shape}"
-        )
-    if integer:
-        return ValueError(
-            f"targets has shape {targets.shape} but logits {logits.shape} with "
-            f"axis={shown_axis} expects {position_shape} (integer class indices), or "
-            f"{logits.shape} (probabilities, floating dtype)"
-        )
-    return ValueError(
-        f"targets has shape {targets.shape} but probability targets must have "
-        f"the logits' shape {logits.shape}; integer class indices would have "
-        f"shape {position_shape}"
-    )
-
-
-def per_position_losses(
-    logits,
-    targets,
-    *,
-    axis: int = -1,
-    where=None,
-    ignore_index: int | None = -100,
-    class_weights=None,
-    label_smoothing=0.0,
-    z_loss=0.0,
-    logit_softcap: float | None = None,
-    vocab_axis_name: str | None = None,
-):
-    """The heart of every cross-entropy in jxent: ``(loss, weight)`` per position.
-
-    ``loss`` is 0 and ``weight`` 0 wherever a position is not counted; see
-    ``jxent._reduce`` for what is done with them. Validation happens here
-    (options through :func:`parse_loss_options`, which the fused path shares).
+    ``rows`` is ``(targets, weights)``: targets from :class:`~._positions.Positions`
+    (an int32 gather index, or probabilities), ``weights`` per-token weights or
+    None. ``loss`` is 0 and ``weight`` 0 wherever a position is not counted.
 
     Numerics: every quantity stays shifted by the per-position maximum
     ``top``: ``−log p_c = (top − x_c) + log Σ exp(x − top)``, as PyTorch and
     optax do. Adding ``top`` back first (``lse − x_c``) cancels digits when
     the logits are large (``1e4``) and close to each other.
     """
-    options = parse_loss_options(
-        ignore_index=ignore_index,
-        label_smoothing=label_smoothing,
-        z_loss=z_loss,
-        logit_softcap=logit_softcap,
-    )
-    logits = jnp.asarray(logits)
-    targets = as_integer_ids(targets, "targets")
-    if not jnp.issubdtype(logits.dtype, jnp.floating):
-        raise TypeError(f"logits must be a floating-point array, got dtype {logits.dtype}")
-    if logits.ndim == 0:
-        raise ValueError("logits is a scalar; it needs a class axis")
-    axis = check_axis(axis, logits.ndim)
-    _check_class_axis(logits, axis)
-    return _losses(
-        logits, targets, axis=axis, where=where, class_weights=class_weights,
-        vocab_axis_name=vocab_axis_name, **options,
-    )
-
-
-def _losses(
-    logits,
-    targets,
-    *,
-    axis: int,
-    where,
-    ignore_index: int | None,
-    class_weights,
-    label_smoothing,
-    z_loss,
-    logit_softcap: float | None,
-    vocab_axis_name: str | None,
-):
-    """:func:`per_position_losses` on parsed options (the fused path's per-chunk function)."""
+    (logits,) = logits
+    targets, token_weights = rows
     dtype = float_dtype(logits.dtype)
     x = logits.astype(dtype)
+    axis = axis % x.ndim
     ops = ClassOps(axis, vocab_axis_name, logits.shape[axis])
     num_classes = ops.num_classes
-    position_shape = logits.shape[:axis] + logits.shape[axis + 1 :]
-    weights = check_class_weights(
-        class_weights,
-        ops.num_local,
-        "this shard of logits" if vocab_axis_name else "logits",
-    )
-    mask = check_loss_mask(where, position_shape)
-    smoothing = not is_static_zero(label_smoothing)
-
-    if jnp.issubdtype(targets.dtype, jnp.integer):
-        probability_targets = False
-        if targets.shape != position_shape:
-            raise _target_shape_error(targets, logits, axis, position_shape)
-        index, ignored, in_range = integer_targets_info(targets, num_classes, ignore_index)
-        counted = ~ignored if mask is None else mask & ~ignored
-        if vocab_axis_name is None:
-            check_targets_in_range(targets, counted, in_range, num_classes, ignore_index)
-        index = jnp.where(counted, index, 0)
-    elif jnp.issubdtype(targets.dtype, jnp.floating):
-        probability_targets = True
-        if ignore_index not in (None, -100):
-            raise ValueError(
-                f"ignore_index={ignore_index} cannot be used with probability targets "
-                f"(floating dtype {targets.dtype}); use where= to mask positions"
-            )
-        if targets.shape != logits.shape:
-            raise _target_shape_error(targets, logits, axis, position_shape)
-        counted = jnp.ones(position_shape, bool) if mask is None else mask
-    else:
-        raise TypeError(
-            f"targets must be integer class indices or floating probabilities, "
-            f"got dtype {targets.dtype}"
-        )
+    weights = class_weights
+    smoothing = not is_static(label_smoothing, 0.0)
 
     # Double where: uncounted positions get logits 0 before any arithmetic,
     # so NaN/inf there reach neither the value nor the gradient. Reductions
@@ -216,7 +75,7 @@ def _losses(
     # log Σ_c exp(x_c − top), in [0, log C]: everything below stays shifted.
     log_sum = jnp.log(ops.sum(jnp.exp(safe - top)))
 
-    if probability_targets:
+    if jnp.issubdtype(targets.dtype, jnp.floating):
         y = jnp.where(keep, targets.astype(dtype), 0)
         if smoothing:
             y = (1.0 - label_smoothing) * y + label_smoothing / num_classes
@@ -231,6 +90,7 @@ def _losses(
         loss = ops.sum(terms)
         weight = counted.astype(dtype)
     else:
+        index = targets
         # (top − x_t) + log Σ exp(x − top): no cancellation at large logits.
         target_logit = ops.take(x, index, fill=jnp.nan)
         nll = jnp.where(counted, top_vec - target_logit, 0) + log_sum
@@ -256,128 +116,64 @@ def _losses(
             else:
                 w = weights.astype(dtype)
                 total_w = ops.sum_classes(w)
-                # XLA:CPU reads raw logits fastest in a matrix-vector product,
-                # whose rounding grows with |x|; logits far from 0 (|max| > 64,
-                # where the reference matters) take the shifted multiply-reduce.
-                large = jnp.max(jnp.where(counted, jnp.abs(top_vec), 0)) > _SHIFT_ABOVE
-                ref = jnp.where(large, ref, 0)
-                part = jax.lax.cond(
-                    large,
-                    lambda: ops.dot(x - jnp.expand_dims(ref, axis), w, keep),
-                    lambda: ops.dot(x, w, keep, matvec=True),
-                )
+                ref, part = _weighted_logits(x, w, ref, counted, top_vec, keep, ops, axis)
                 gap = total_w * (top_vec - ref) - ops.sum_tokens(part)
             gap = jnp.where(counted, gap, 0)
             smooth = (log_sum * total_w + gap) / num_classes
             loss = (1.0 - label_smoothing) * loss + label_smoothing * smooth
         # An out-of-range target under jit: NaN value (from the gather) and a
         # NaN gradient too, so value_and_grad never trains on a dropped target.
-        loss = loss * jnp.where(counted & ~in_range, jnp.nan, 1.0).astype(dtype)
+        loss = loss * jnp.where(counted & (index >= num_classes), jnp.nan, 1.0).astype(dtype)
 
-    if not is_static_zero(z_loss):
+    if not is_static(z_loss, 0.0):
         loss = loss + z_loss * jnp.square(log_sum + top_vec)
     loss = jnp.where(counted, loss, 0)
+    if token_weights is not None:
+        loss, weight = loss * token_weights, weight * token_weights
     return loss, weight
 
 
-def _chunk_losses(logits, targets, counted, consts, **options):
-    """The fused path's per-chunk function: the dense core on one chunk of logits."""
-    (x,) = logits
-    class_weights, traced = consts
-    return _losses(x, targets, axis=1, where=counted, class_weights=class_weights, **options,
-                   **traced)
+def _weighted_logits(x, w, ref, counted, top_vec, keep, ops, axis):
+    """``(r, Σ_c w_c (x_c − r))`` on this shard: the class-weighted part of the smoothing sum.
 
-
-def _fused_losses(logits: LinearLogits, targets, *, axis, where, class_weights,
-                  vocab_axis_name, summed: bool, **options):
-    """:func:`loss_terms` for :class:`LinearLogits`: the dense core over chunks of positions."""
-    if axis not in (-1, logits.ndim - 1):
-        raise ValueError(
-            f"LinearLogits has its classes on the last axis; axis must be -1, got axis={axis}"
-        )
-    targets = as_integer_ids(targets, "targets")
-    positions = logits.shape[:-1]
-    if not jnp.issubdtype(targets.dtype, jnp.integer):
-        raise TypeError(
-            f"targets must be integer class ids with LinearLogits, got dtype {targets.dtype}; "
-            "probability targets would be the [tokens, vocab] array that LinearLogits avoids"
-        )
-    if targets.shape != positions:
-        raise ValueError(
-            f"targets has shape {targets.shape} but LinearLogits with hidden "
-            f"{tuple(logits.hidden.shape)} expects {positions} (hidden.shape[:-1])"
-        )
-    mask = check_loss_mask(where, positions)
-    num_local = logits.kernel.shape[1]
-    weights = check_class_weights(
-        class_weights, num_local, "this shard of kernel" if vocab_axis_name else "kernel"
-    )
-    num_classes = ClassOps(-1, vocab_axis_name, num_local).num_classes
-    _, ignored, in_range = integer_targets_info(targets, num_classes, options["ignore_index"])
-    counted = ~ignored if mask is None else mask & ~ignored
-    if vocab_axis_name is None:
-        check_targets_in_range(targets, counted, in_range, num_classes, options["ignore_index"])
-    static, traced = split_traced(**options)
-    n = math.prod(positions)
-    out = chunked(
-        _chunk_losses,
-        (logits,),
-        targets.reshape(n),
-        counted.reshape(n),
-        consts=(weights, traced),
-        mode="sum" if summed else "positions",
-        options=dict(static, vocab_axis_name=vocab_axis_name),
-    )
-    if summed:
-        return out
-    loss, weight = out
-    return loss.reshape(positions), weight.reshape(positions)
-
-
-def loss_terms(
-    logits,
-    targets,
-    *,
-    summed: bool,
-    axis: int = -1,
-    where=None,
-    ignore_index=-100,
-    class_weights=None,
-    label_smoothing=0.0,
-    z_loss=0.0,
-    logit_softcap=None,
-    vocab_axis_name=None,
-):
-    """Per-position ``(loss, weight)``, or with ``summed=True`` their sums over positions.
-
-    The one entry point of every cross-entropy: dense logits go through
-    :func:`per_position_losses`; :class:`LinearLogits` through the chunked
-    engine with the same core (gradient in the forward pass when summed).
+    XLA:CPU reads raw logits fastest in a matrix-vector product, whose
+    rounding grows with ``|x|``; logits far from 0 (``|max| > 64``, where the
+    reference matters) take the shifted multiply-reduce instead, and the
+    others ``r = 0``. An empty batch has no maximum to test, and needs neither.
     """
-    if isinstance(logits, LinearLogits):
-        options = parse_loss_options(
-            ignore_index=ignore_index,
-            label_smoothing=label_smoothing,
-            z_loss=z_loss,
-            logit_softcap=logit_softcap,
-        )
-        return _fused_losses(
-            logits, targets, axis=axis, where=where, class_weights=class_weights,
-            vocab_axis_name=vocab_axis_name, summed=summed, **options,
-        )
-    loss, weight = per_position_losses(
-        logits,
-        targets,
-        axis=axis,
-        where=where,
-        ignore_index=ignore_index,
-        class_weights=class_weights,
-        label_smoothing=label_smoothing,
-        z_loss=z_loss,
-        logit_softcap=logit_softcap,
-        vocab_axis_name=vocab_axis_name,
+    if counted.size == 0:
+        return ref, jnp.zeros(counted.shape, x.dtype)
+    large = jnp.max(jnp.where(counted, jnp.abs(top_vec), 0)) > _SHIFT_ABOVE
+    ref = jnp.where(large, ref, 0)
+    return ref, jax.lax.cond(
+        large,
+        lambda: ops.dot(x - jnp.expand_dims(ref, axis), w, keep),
+        lambda: ops.dot(x, w, keep, matvec=True),
     )
-    return (jnp.sum(loss), jnp.sum(weight)) if summed else (loss, weight)
+
+
+def cross_entropy_terms(
+    logits, positions: Positions, *, how: str, axis: int = -1, class_weights=None,
+    vocab_axis_name=None, **options,
+):
+    """``(loss, weight)`` per position, or their sums when ``how`` needs only sums.
+
+    ``options`` are those of :func:`~._options.loss_options` (``ignore_index``
+    is already applied to ``positions``).
+    """
+    options.pop("ignore_index", None)
+    axis = axis % logits.ndim - logits.ndim  # negative: the same axis in a chunk [C, V]
+    weights = check_weights(class_weights, logits, axis, vocab_axis_name is not None)
+    return run(
+        cross_entropy_core,
+        (logits,),
+        (positions.targets, positions.weights),
+        positions.counted,
+        mode="sum" if summed(how) else "positions",
+        options=dict(
+            options, axis=axis, class_weights=weights, vocab_axis_name=vocab_axis_name
+        ),
+    )
 
 
 def softmax_cross_entropy(
@@ -414,7 +210,8 @@ def softmax_cross_entropy(
 
     Args:
       logits: ``[..., C, ...]`` unnormalised log-probabilities, any float dtype
-        (bf16/f16 are computed in float32).
+        (bf16/f16 are computed in float32: see Precision), or a
+        :class:`jxent.LinearLogits`.
       targets: integer class ids with the logits' shape without ``axis``
         (any integer dtype), or floating probabilities with the logits' shape.
       axis: the class axis (PyTorch's ``[N, C, d1, ...]`` layout is ``axis=1``).
@@ -461,7 +258,13 @@ def softmax_cross_entropy(
 
     Precision: ``−log p_t = (max − x_t) + log Σ exp(x − max)`` keeps every
     quantity shifted, as PyTorch and optax do, so large logits (``1e4``) lose
-    no digits; label smoothing is computed the same way.
+    no digits; label smoothing is computed the same way. Everything is
+    computed in float32 (float64 under x64), bf16/f16 logits included, so the
+    only precision bf16 costs is the rounding of the logits themselves to 8
+    significant bits: about 1e-2 nats per token for logits of order 10
+    (``h @ W`` formed in bf16 outside ``jit``; inside ``jit`` XLA may keep the
+    product in float32). :class:`~jxent.LinearLogits` forms its logits in
+    float32 from bf16 ``hidden`` and ``kernel``, so it does not lose them.
 
     Examples:
       >>> import jax.numpy as jnp, jxent
@@ -469,21 +272,18 @@ def softmax_cross_entropy(
       >>> jxent.softmax_cross_entropy(logits, jnp.array([0, 0]), reduction="none")
       Array([0.6931..., 0.2231...], dtype=float32)
     """
-    check_option(reduction, "reduction", REDUCTIONS)
-    summed = reduction != "none"
-    total, weight = loss_terms(
-        logits,
-        targets,
-        summed=summed,
-        axis=axis,
-        where=where,
-        ignore_index=ignore_index,
-        class_weights=class_weights,
-        label_smoothing=label_smoothing,
-        z_loss=z_loss,
+    reduction = parse_reduction(reduction)
+    options = loss_options(
+        ignore_index=ignore_index, label_smoothing=label_smoothing, z_loss=z_loss,
         logit_softcap=logit_softcap,
+    )
+    logits = as_logits(logits)
+    axis, positions = class_targets(
+        logits, targets, axis=axis, where=where, ignore_index=options["ignore_index"],
         vocab_axis_name=vocab_axis_name,
     )
-    if reduction == "mean":
-        return safe_divide(total, weight)
-    return total
+    loss, weight = cross_entropy_terms(
+        logits, positions, how=reduction, axis=axis, class_weights=class_weights,
+        vocab_axis_name=vocab_axis_name, **options,
+    )
+    return reduce(loss, weight, reduction)

@@ -2,13 +2,12 @@
 
 Each quantity is a per-position *core* on logits with the class axis last
 (``[..., V]``, or one shard of the vocabulary with a ``ClassOps`` that
-combines shards), wrapped by a public function that validates everything
-once (distillation, built the same way, is in ``jxent._distillation``). The
-cores take validated inputs only, so the fused engine
-(``LinearLogits``) calls the same cores on chunks ``[C, V]`` of logits:
-``token_stats`` per position (with a one-pass pullback, a ``Rule``), and
-``token_objective``, the sum of a per-token function of the statistics, as
-a sum whose gradient the engine forms in the forward pass.
+combines shards), run by the engine (``jxent._engine.run``) on dense logits
+or on chunks ``[C, V]`` of ``LinearLogits``: ``token_stats`` per position
+(with a one-pass pullback, a ``Rule``), and ``token_objective``, the sum of a
+per-token function of the statistics, whose gradient the fused engine forms
+in the forward pass. Distillation, built the same way, is in
+``jxent._distillation``.
 
 Numerics: every quantity stays relative to the per-position maximum ``top``
 (no gradient). With ``d = (x − top) / T`` and ``S = Σ_c exp d_c``:
@@ -22,27 +21,24 @@ Positions that are not counted are zeroed before any arithmetic (the double
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable
-from typing import Any, NamedTuple
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
 from jaxtyping import Array, ArrayLike, Bool, Float, Int
 
-from ._checks import (
-    class_ids,
-    float_dtype,
-    float_logits,
-    parse_temperature,
-)
-from ._chunked import Rule, chunked, split_traced
-from ._classes import ClassOps
-from ._linear import LinearLogits
-from ._reduce import nonnegative
-from ._sequence import REQUIRED, _aligned
+from ._checks import float_dtype
+from ._engine import Rule, run
+from ._numerics import nonnegative
+from ._options import REQUIRED
+from ._options import shift as parse_shift
+from ._options import temperature as parse_temperature
+from ._positions import as_logits, position_args, token_targets
+from ._vocab import ClassOps, scaled, shifted
 
 __all__ = ["token_objective", "token_stats", "TokenStats"]
+
 
 class TokenStats(NamedTuple):
     """Per-position token statistics (a pytree); 0 / False where not counted.
@@ -60,57 +56,20 @@ class TokenStats(NamedTuple):
     is_argmax: Bool[Array, " *positions"]
 
 
-def _is_one(value: Any) -> bool:
-    return isinstance(value, float) and value == 1.0
+# --------------------------------------------------------------------------- cores
 
 
-def _shifted(logits, keep, temperature, ops: ClassOps, dtype):
-    """``(x, d, top, raw_top)`` for ``[..., V]`` logits.
+def _stats_and_saved(logits, tokens, counted, temperature, ops: ClassOps):
+    """:class:`TokenStats` per position and ``(top, log S, Σ p·d)``, from validated inputs.
 
-    ``x`` the logits in ``dtype``; ``raw_top`` the per-position max of the raw
-    logits (keepdims, no gradient, combined across shards); ``top`` the same,
-    0 where not kept or not finite; ``d = (x − top) / T``, 0 where not kept.
-    The max reads the raw logits (no masked copy); the ``where`` feeding ``d``
-    fuses into its consumers.
-    """
-    x = logits.astype(dtype)
-    raw_top = jax.lax.stop_gradient(jnp.max(x, axis=-1, keepdims=True))
-    if ops.axis_name is not None:
-        raw_top = jax.lax.pmax(raw_top, ops.axis_name)
-    top = jnp.where(keep & jnp.isfinite(raw_top), raw_top, 0)
-    d = jnp.where(keep, x, 0) - top
-    if not _is_one(temperature):
-        d = d / jnp.asarray(temperature, dtype)
-    return x, d, top, raw_top
-
-
-def _scaled(value, temperature, dtype):
-    return value if _is_one(temperature) else value / jnp.asarray(temperature, dtype)
-
-
-def token_stats_core(logits, tokens, counted, temperature, ops: ClassOps) -> TokenStats:
-    """:class:`TokenStats` per position from validated inputs (no checks here).
-
-    Args:
-      logits: ``[..., V_local]``, the class axis last (any float dtype).
-      tokens: ``[...]`` int32 global ids from :func:`class_ids`: in ``[0, V)``
-        where counted (``V`` means out of range and gives NaN ``log_prob``).
-      counted: ``[...]`` bool.
-      temperature: a Python float > 0 or a traced scalar.
-      ops: ``ClassOps(axis=logits.ndim - 1, axis_name, num_local=V_local)``.
-    """
-    return _token_stats_saved(logits, tokens, counted, temperature, ops)[0]
-
-
-def _token_stats_saved(logits, tokens, counted, temperature, ops: ClassOps):
-    """:func:`token_stats_core`'s outputs and ``(top, log S, Σ p·d)`` per position.
-
-    The three vectors are what :func:`_token_stats_pullback` needs to form the
-    logits' gradient without another reduction over classes.
+    ``tokens`` are int32 global ids in ``[0, V)`` where counted (``V`` means
+    out of range and gives NaN ``log_prob``). The three vectors are what
+    :func:`_stats_pullback` needs to form the logits' gradient without
+    another reduction over classes.
     """
     dtype = float_dtype(logits.dtype)
     keep = counted[..., None]
-    x, d, top, raw_top = _shifted(logits, keep, temperature, ops, dtype)
+    x, d, top, raw_top = shifted(logits, keep, temperature, ops, dtype)
     e = jnp.exp(d)
     total = ops.sum(e)
     log_total = jnp.log(total)
@@ -119,9 +78,9 @@ def _token_stats_saved(logits, tokens, counted, temperature, ops: ClassOps):
     mean_d = ops.sum(e * finite_d) / total
     x_t = ops.take(x, tokens, fill=jnp.nan)
     top = top[..., 0]
-    log_prob = _scaled(jnp.where(counted, x_t, 0) - top, temperature, dtype) - log_total
+    log_prob = scaled(jnp.where(counted, x_t, 0) - top, temperature, dtype) - log_total
     entropy = nonnegative(log_total - mean_d)
-    logsumexp = _scaled(top, temperature, dtype) + log_total
+    logsumexp = scaled(top, temperature, dtype) + log_total
     stats = TokenStats(
         log_prob=jnp.where(counted, log_prob, 0),
         entropy=jnp.where(counted, entropy, 0),
@@ -131,27 +90,69 @@ def _token_stats_saved(logits, tokens, counted, temperature, ops: ClassOps):
     return stats, (top, log_total, mean_d)
 
 
-def _checked(logits, tokens, where, shift, vocab_axis_name, function: str):
-    """Validated, aligned ``(logits, index, counted, ops)`` for ``token_stats``/``token_objective``.
+def _stats_forward(logits, tokens, counted, *, temperature, vocab_axis_name):
+    (x,) = logits
+    ops = ClassOps(x.ndim - 1, vocab_axis_name, x.shape[-1])
+    return _stats_and_saved(x, tokens, counted, temperature, ops)
 
-    ``logits`` stays a :class:`LinearLogits` (positions sliced for ``shift``)
-    or becomes a float array; ``index`` and ``counted`` are from
-    :func:`class_ids`.
+
+def _stats_pullback(logits, tokens, counted, saved, cts, *, temperature, vocab_axis_name):
+    """``∂/∂logits`` of ``Σ a·log_prob + c·entropy + b·logsumexp`` in one elementwise pass.
+
+    With ``d = (x − top) / T``, ``log p = d − log S`` and ``Σ p·d`` saved by the
+    forward pass: ``∂log p_t/∂x_j = (δ_jt − p_j) / T``, ``∂logsumexp/∂x_j = p_j / T``
+    and ``∂H/∂x_j = −p_j (d_j − Σ p·d) / T`` (``log p_j + H = d_j − Σ p·d``), the
+    same expressions the dense core's autodiff forms, without its reductions.
     """
-    if not isinstance(logits, LinearLogits):
-        logits = float_logits(logits, "logits")
-    logits, tokens, where = _aligned(logits, tokens, where, shift, function)
-    ops = ClassOps(logits.ndim - 1, vocab_axis_name, logits.shape[-1])
-    index, counted = class_ids(tokens, where, logits.shape[:-1], ops, name="tokens")
-    return logits, index, counted, ops
+    (x,) = logits
+    ops = ClassOps(x.ndim - 1, vocab_axis_name, x.shape[-1])
+    dtype = float_dtype(x.dtype)
+    top, log_total, mean_d = (v[..., None] for v in saved)
+    a, c, b = (ct.astype(dtype)[..., None] for ct in cts)  # log_prob, entropy, logsumexp
+    keep = counted[..., None]
+    d = scaled(jnp.where(keep, x.astype(dtype), 0) - top, temperature, dtype)
+    p = jnp.exp(d - log_total)
+    spread = jnp.where(d == -jnp.inf, 0, d - mean_d)
+    classes = jnp.arange(x.shape[-1]).reshape((1,) * (x.ndim - 1) + (-1,))
+    hit = classes + ops.offset() == tokens[..., None]
+    g = jnp.where(hit, a, 0) - p * (a - b + c * spread)
+    return (jnp.where(keep, scaled(g, temperature, dtype), 0),)
+
+
+_stats_core = Rule(_stats_forward, _stats_pullback)
+
+
+def _objective_core(logits, rows, counted, *, fn, temperature, vocab_axis_name):
+    """:func:`token_objective`'s per-position values, and no auxiliary sums (``mode="sum"``)."""
+    tokens, args = rows
+    stats = _stats_core(logits, tokens, counted, temperature=temperature,
+                        vocab_axis_name=vocab_axis_name)
+    dtype = float_dtype(logits[0].dtype)
+    return jnp.where(counted, fn(stats, *args).astype(dtype), 0), ()
+
+
+# --------------------------------------------------------------------------- public
+
+
+def _prepare(function, logits, tokens, shift, where, ignore_index, segment_ids,
+             vocab_axis_name):
+    k = parse_shift(shift, function)
+    logits = as_logits(logits)
+    positions = token_targets(
+        logits, tokens, shift=k, where=where, ignore_index=ignore_index, function=function,
+        vocab_axis_name=vocab_axis_name, segment_ids=segment_ids,
+    )
+    return k, logits, positions
 
 
 def token_stats(
     logits: Float[ArrayLike, "*batch T V"],
     tokens: Int[ArrayLike, "*batch T"],
     *,
-    shift: bool = REQUIRED,
+    shift: bool | int = REQUIRED,
     where: Bool[ArrayLike, "*batch T"] | None = None,
+    ignore_index: int | None = -100,
+    segment_ids: Int[ArrayLike, "*batch T"] | None = None,
     temperature: float = 1.0,
     vocab_axis_name: str | None = None,
 ) -> TokenStats:
@@ -168,15 +169,23 @@ def token_stats(
     sequence scoring: the log-likelihood of a sequence is ``Σ log_prob`` over
     its counted positions (``−sequence_nll(..., normalize="sum")`` at
     temperature 1). ``log_prob``, ``entropy`` and ``logsumexp`` are
-    differentiable, in forward mode too; ``is_argmax`` is a bool.
+    differentiable, in forward mode too; ``is_argmax`` is a bool. Values are
+    in nats; divide by ``math.log(2)`` for bits.
 
     Args:
       logits: ``[..., T, V]``, any float dtype (bf16/f16 computed in float32).
       tokens: ``[..., T]`` integer token ids (any integer dtype).
-      shift: required, no default. ``True`` for causal LM logits:
+      shift: required, no default. ``True`` (1) for causal LM logits:
         ``logits[..., :-1, :]`` score ``tokens[..., 1:]`` and ``where`` is
-        shifted with the tokens; ``False`` when logits and tokens are aligned.
+        shifted with the tokens; ``False`` (0) when logits and tokens are
+        aligned; ``k`` for the ``k``-th next token.
       where: ``[..., T]`` boolean, aligned with ``tokens``; False = not counted.
+      ignore_index: tokens equal to it are not counted (default −100, as in
+        :func:`sequence_nll`, so the same padded ``tokens`` work; ``None``
+        disables it).
+      segment_ids: ``[..., T]`` integer document ids of packed rows: position
+        ``t`` is counted only when ``segment_ids[t] == segment_ids[t + k]``
+        (see :func:`sequence_nll`).
       temperature: ``T > 0``, a Python float or a traced scalar (e.g. the
         sampling temperature of an RL rollout).
       vocab_axis_name: inside ``shard_map``, the mesh axis along which the
@@ -184,9 +193,9 @@ def token_stats(
         ids and shards exchange only per-position vectors.
 
     Returns:
-      :class:`TokenStats` of ``[..., T − 1]`` arrays with ``shift=True``,
-      ``[..., T]`` without; float32 (float64 under ``jax_enable_x64`` for
-      float64 logits).
+      :class:`TokenStats` of ``[..., T − k]`` arrays for a shift of ``k``
+      (``[..., T − 1]`` with ``shift=True``, ``[..., T]`` without); float32
+      (float64 under ``jax_enable_x64`` for float64 logits).
 
     Conventions: positions not counted are 0 (False) in every field, with zero
     gradient even when their logits are NaN or ±inf. A ``−inf`` logit at a
@@ -208,24 +217,14 @@ def token_stats(
       Array([[ True, False]], dtype=bool)
     """
     temperature = parse_temperature(temperature)
-    logits, index, counted, ops = _checked(
-        logits, tokens, where, shift, vocab_axis_name, "token_stats"
+    _, logits, positions = _prepare(
+        "token_stats", logits, tokens, shift, where, ignore_index, segment_ids, vocab_axis_name
     )
-    positions = logits.shape[:-1]
-    if not isinstance(logits, LinearLogits):
-        return token_stats_core(logits, index, counted, temperature, ops)
-    static, traced = split_traced(temperature=temperature)
-    n = math.prod(positions)
-    out = chunked(
-        _token_stats_chunk,
-        (logits,),
-        index.reshape(n),
-        counted.reshape(n),
-        consts=traced,
-        mode="positions",
-        options=dict(static, vocab_axis_name=vocab_axis_name),
+    out = run(
+        _stats_core, (logits,), positions.targets, positions.counted, mode="positions",
+        options=dict(temperature=temperature, vocab_axis_name=vocab_axis_name),
     )
-    return jax.tree.map(lambda x: x.reshape(positions), out)
+    return positions.trim(out)
 
 
 def token_objective(
@@ -233,9 +232,11 @@ def token_objective(
     tokens: Int[ArrayLike, "*batch T"],
     fn: Callable[..., Array],
     *,
-    shift: bool = REQUIRED,
+    shift: bool | int = REQUIRED,
     args: tuple = (),
     where: Bool[ArrayLike, "*batch T"] | None = None,
+    ignore_index: int | None = -100,
+    segment_ids: Int[ArrayLike, "*batch T"] | None = None,
     temperature: float = 1.0,
     vocab_axis_name: str | None = None,
 ) -> Float[Array, ""]:
@@ -262,10 +263,15 @@ def token_objective(
         with per-position weights in ``args`` instead, e.g. ``1 / length``
         of each sequence for a per-sequence mean.
       shift: required, as in :func:`token_stats`.
-      args: a tuple of ``[..., T]`` arrays aligned with ``tokens`` (shifted
-        with them when ``shift=True``), passed to ``fn`` as constants: no
-        gradient flows to them (``stop_gradient``), as for advantages.
+      args: a tuple of arrays aligned with the *predicted* positions, the
+        shape :func:`token_stats` returns (``[..., T − k]`` for a shift of
+        ``k``), each of that rank with size-1 axes broadcasting (``[B, 1]``
+        per-sequence advantages, ``[1, T − k]`` a per-position mask) or a
+        scalar. An argument of the tokens' unshifted shape ``[..., T]`` with
+        ``k > 0`` is an error that says which slice to take. Passed to ``fn``
+        as constants: no gradient flows to them (``stop_gradient``).
       where: ``[..., T]`` boolean, aligned with ``tokens``; False = not counted.
+      ignore_index, segment_ids: as in :func:`token_stats`.
       temperature: as in :func:`token_stats`.
       vocab_axis_name: as in :func:`token_stats`.
 
@@ -292,37 +298,18 @@ def token_objective(
     if not callable(fn):
         raise TypeError(f"fn must be a function of (stats, *args), got {type(fn).__name__}")
     if not isinstance(args, tuple):
-        raise TypeError(f"args must be a tuple of [..., T] arrays, got {type(args).__name__}")
+        raise TypeError(f"args must be a tuple of arrays, got {type(args).__name__}")
     temperature = parse_temperature(temperature)
-    full = jnp.shape(tokens)
-    args = tuple(jax.lax.stop_gradient(jnp.asarray(a)) for a in args)
-    for k, a in enumerate(args):
-        if a.shape != full:
-            raise ValueError(
-                f"args[{k}] has shape {a.shape} but tokens has shape {full}; each "
-                "of args holds one value per token position [..., T]"
-            )
-    logits, index, counted, ops = _checked(
-        logits, tokens, where, shift, vocab_axis_name, "token_objective"
+    k, logits, positions = _prepare(
+        "token_objective", logits, tokens, shift, where, ignore_index, segment_ids,
+        vocab_axis_name,
     )
-    if shift:
-        args = tuple(a[..., 1:] for a in args)
-    positions = logits.shape[:-1]
-    dtype = float_dtype(logits.dtype)
-    _check_objective(fn, positions, dtype, args)
-    if not isinstance(logits, LinearLogits):
-        stats = token_stats_core(logits, index, counted, temperature, ops)
-        return jnp.sum(_objective_values(fn, stats, args, counted, dtype))
-    static, traced = split_traced(temperature=temperature)
-    n = math.prod(positions)
-    total, _ = chunked(
-        _objective_chunk,
-        (logits,),
-        (index.reshape(n), tuple(a.reshape(n) for a in args)),
-        counted.reshape(n),
-        consts=traced,
-        mode="sum",
-        options=dict(static, fn=fn, vocab_axis_name=vocab_axis_name),
+    args = position_args(args, positions, k)
+    _check_objective(fn, positions.trim(positions.counted).shape, float_dtype(logits.dtype), args)
+    args = tuple(positions.untrim(a) for a in args)
+    total, _ = run(
+        _objective_core, (logits,), (positions.targets, args), positions.counted, mode="sum",
+        options=dict(fn=fn, temperature=temperature, vocab_axis_name=vocab_axis_name),
     )
     return total
 
@@ -339,54 +326,3 @@ def _check_objective(fn, positions, dtype, args) -> None:
             f"{tuple(positions)} (one value per position), got "
             f"{out if shape is None else f'shape {shape}, dtype {out_dtype}'}"
         )
-
-
-def _objective_values(fn, stats, args, counted, dtype):
-    return jnp.where(counted, fn(stats, *args).astype(dtype), 0)
-
-
-# --------------------------------------------------------------------------- fused
-
-
-def _token_stats_forward(logits, tokens, counted, traced, *, vocab_axis_name, **static):
-    """The fused path's per-chunk function: :func:`token_stats_core` on ``[C, V]`` logits."""
-    (x,) = logits
-    ops = ClassOps(1, vocab_axis_name, x.shape[1])
-    return _token_stats_saved(x, tokens, counted, {**static, **traced}["temperature"], ops)
-
-
-def _token_stats_pullback(
-    logits, tokens, counted, traced, saved, cts, *, vocab_axis_name, **static
-):
-    """``∂/∂logits`` of ``Σ a·log_prob + c·entropy + b·logsumexp`` on one chunk, in one pass.
-
-    With ``d = (x − top) / T``, ``log p = d − log S`` and ``Σ p·d`` saved by the
-    forward pass: ``∂log p_t/∂x_j = (δ_jt − p_j) / T``, ``∂logsumexp/∂x_j = p_j / T``
-    and ``∂H/∂x_j = −p_j (d_j − Σ p·d) / T`` (``log p_j + H = d_j − Σ p·d``), the
-    same expressions the dense core's autodiff forms, without its reductions.
-    """
-    (x,) = logits
-    temperature = {**static, **traced}["temperature"]
-    ops = ClassOps(1, vocab_axis_name, x.shape[1])
-    dtype = float_dtype(x.dtype)
-    top, log_total, mean_d = (v[:, None] for v in saved)
-    a, c, b = (ct.astype(dtype)[:, None] for ct in cts)  # log_prob, entropy, logsumexp
-    keep = counted[:, None]
-    d = _scaled(jnp.where(keep, x.astype(dtype), 0) - top, temperature, dtype)
-    p = jnp.exp(d - log_total)
-    spread = jnp.where(d == -jnp.inf, 0, d - mean_d)
-    hit = jnp.arange(x.shape[1])[None, :] + ops.offset() == tokens[:, None]
-    g = jnp.where(hit, a, 0) - p * (a - b + c * spread)
-    return (jnp.where(keep, _scaled(g, temperature, dtype), 0),)
-
-
-_token_stats_chunk = Rule(_token_stats_forward, _token_stats_pullback)
-
-
-def _objective_chunk(logits, rows, counted, traced, *, fn, vocab_axis_name, **static):
-    """:func:`token_objective`'s per-chunk values, and no auxiliary sums (``mode="sum"``)."""
-    (x,) = logits
-    tokens, args = rows
-    ops = ClassOps(1, vocab_axis_name, x.shape[1])
-    stats = token_stats_core(x, tokens, counted, {**static, **traced}["temperature"], ops)
-    return _objective_values(fn, stats, args, counted, float_dtype(x.dtype)), ()

@@ -1027,7 +1027,7 @@ def fused_calls() -> dict[str, FusedCall]:
 
     def objective(s, t, x, axis):
         # A clipped policy-gradient objective with an entropy bonus (a "sum": additive).
-        advantage = (x["ids"] % 3 - 1).astype(jnp.float32)
+        advantage = (x["ids"][..., 1:] % 3 - 1).astype(jnp.float32)  # the predicted positions
 
         def fn(stats, advantage):
             ratio = jnp.exp(stats.log_prob + 2.0)
@@ -1065,7 +1065,7 @@ def fused_calls() -> dict[str, FusedCall]:
                     extra = {"targets": x["tokens"], "hard_weight": 0.4} if hard else {}
                     return jxent.distillation_loss(
                         s,
-                        t,
+                        t, shift=False,
                         where=x["where"],
                         reduction=reduction,
                         vocab_axis_name=axis,
@@ -1274,7 +1274,7 @@ def fused_training_step_inside_shard_map():
                 **options,
             )
             distill = jxent.distillation_loss(
-                student, teacher, divergence="jsd", beta=0.3, reduction="sum", **common
+                student, teacher, shift=False, divergence="jsd", beta=0.3, reduction="sum", **common
             )
             stats, distill = jax.lax.psum((stats, distill), "data")
             count = jax.lax.psum(jnp.sum(x["where_shift"]), "data")
@@ -1283,7 +1283,7 @@ def fused_training_step_inside_shard_map():
             student, x["tokens"], shift=True, where=x["where"], class_weights=weights, **options
         )
         distill = jxent.distillation_loss(
-            student, teacher, divergence="jsd", beta=0.3, reduction="mean", **common
+            student, teacher, shift=False, divergence="jsd", beta=0.3, reduction="mean", **common
         )
         return nll + 0.5 * distill
 

@@ -98,6 +98,7 @@ def _opts(options, weights):
     return {k: (weights if k == "class_weights" else v) for k, v in options.items()}
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
 def test_softmax_cross_entropy(rng, reduction):
     hidden, kernel, bias, tokens, where, weights = draw(rng)
@@ -110,6 +111,7 @@ def test_softmax_cross_entropy(rng, reduction):
     assert_fused_equals_dense(fused_and_dense(calls, hidden, kernel, bias))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("shift", [True, False])
 def test_sequence_nll_and_nll_stats(rng, shift):
     hidden, kernel, bias, tokens, where, weights = draw(rng)
@@ -125,6 +127,7 @@ def test_sequence_nll_and_nll_stats(rng, shift):
     assert_fused_equals_dense(fused_and_dense(calls, hidden, kernel, bias))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("shift", [True, False])
 def test_token_stats(rng, shift):
     hidden, kernel, bias, tokens, where, _ = draw(rng)
@@ -150,6 +153,7 @@ def _ppo(stats, advantage, old_log_prob):
     return -clipped - 0.01 * stats.entropy + 1e-3 * stats.logsumexp**2
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("shift", [True, False])
 def test_token_objective(rng, shift):
     """Fused (gradient in the forward pass) = dense = the sum of ``fn`` of ``token_stats``."""
@@ -157,18 +161,19 @@ def test_token_objective(rng, shift):
     tokens[0, 2] = 0
     advantage = rng.standard_normal((B, T)).astype(np.float32)
     old = (-2.5 + rng.standard_normal((B, T))).astype(np.float32)
+    cut = (lambda a: a[:, 1:]) if shift else (lambda a: a)  # args: the predicted positions
     calls = {}
     for t in (1.0, 0.7):
         calls[f"ppo T={t}"] = lambda x, t=t: jxent.token_objective(
-            x, tokens, _ppo, shift=shift, args=(advantage, old), where=where, temperature=t
+            x, tokens, _ppo, shift=shift, args=(cut(advantage), cut(old)), where=where,
+            temperature=t,
         )
     calls["reinforce, no mask"] = lambda x: jxent.token_objective(
-        x, tokens, lambda s, a: -a * s.log_prob, shift=shift, args=(advantage,)
+        x, tokens, lambda s, a: -a * s.log_prob, shift=shift, args=(cut(advantage),)
     )
     out = fused_and_dense(calls, hidden, kernel, bias)
     assert_fused_equals_dense(out)
     # ... and the dense value and gradients are those of the explicit expression.
-    cut = (lambda a: a[:, 1:]) if shift else (lambda a: a)
 
     def explicit(h, k, b):
         s = jxent.token_stats(dense(h, k, b), tokens, shift=shift, where=where, temperature=0.7)
@@ -185,7 +190,8 @@ def test_token_objective_masked_nan_rows_vmap_and_bf16(rng):
     tokens[0, 2] = 0
     advantage = rng.standard_normal((B, T)).astype(np.float32)
     f = lambda x, t, w, a: jxent.token_objective(
-        x, t, lambda s, a: -a * s.log_prob - 0.1 * s.entropy, shift=True, args=(a,), where=w
+        x, t, lambda s, a: -a * s.log_prob - 0.1 * s.entropy, shift=True, args=(a[..., 1:],),
+        where=w,
     )
     fused = lambda h, t, w, a, c=CHUNK: f(LinearLogits(h, kernel, bias, chunk_size=c), t, w, a)
     shifted = where.copy()
@@ -215,6 +221,7 @@ def test_token_objective_masked_nan_rows_vmap_and_bf16(rng):
     assert_fused_equals_dense(fused_and_dense({"bf16": g}, h16, k16, b16), tol=2e-2)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
 def test_distillation_loss(rng, reduction):
     hidden, kernel, bias, tokens, where, _ = draw(rng)
@@ -238,7 +245,9 @@ def test_distillation_loss(rng, reduction):
             def call(x, o=o, teacher=teacher):
                 # the materialised side gets the materialised teacher
                 t = teacher if isinstance(x, LinearLogits) else teacher_dense
-                return jxent.distillation_loss(x, t, where=where, reduction=reduction, **o)
+                return jxent.distillation_loss(
+                    x, t, shift=False, where=where, reduction=reduction, **o,
+                )
 
             calls[f"{name}/{teacher_kind}"] = call
     assert_fused_equals_dense(fused_and_dense(calls, hidden, kernel, bias))
@@ -248,13 +257,15 @@ def test_distillation_teacher_gets_no_gradient(rng):
     hidden, kernel, bias, tokens, where, _ = draw(rng)
     f = lambda th, tk: jxent.distillation_loss(
         LinearLogits(hidden, kernel, bias, chunk_size=CHUNK),
-        LinearLogits(th, tk, chunk_size=CHUNK), divergence="jsd",
+        LinearLogits(th, tk, chunk_size=CHUNK), shift=False, divergence="jsd",
     )
     grads = jax.jit(jax.grad(f, (0, 1)))(hidden, kernel)
     for g in grads:
         assert not np.any(np.asarray(g))
     with pytest.raises(ValueError, match="pass the student as LinearLogits too"):
-        jxent.distillation_loss(dense(hidden, kernel, bias), LinearLogits(hidden, kernel))
+        jxent.distillation_loss(
+            dense(hidden, kernel, bias), LinearLogits(hidden, kernel), shift=False,
+        )
 
 
 def test_traced_coefficients_pass_through_the_fused_path(rng):
@@ -305,6 +316,7 @@ def test_all_masked_and_nan_in_masked_rows(rng):
     assert not np.any(np.asarray(out["some"][1][0])[~where])
 
 
+@pytest.mark.slow
 def test_tied_embedding_bf16_and_chunk_sizes(rng):
     """``emb.T`` as the kernel; bf16 inputs; chunk sizes that do and don't divide N."""
     hidden, kernel, bias, tokens, where, _ = draw(rng)

@@ -265,6 +265,7 @@ def test_js_bounds_and_symmetry(p, q):
 # The logit forms.
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("base", [None, 2])
 def test_from_logits_equal_probability_twins(rng, base):
     a = rng.normal(scale=3.0, size=(8, 7)).astype(np.float32)
@@ -341,6 +342,7 @@ def test_kl_from_logits_with_minus_inf(rng):
 # Equivalences.
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", ALL)
 def test_where_equals_slicing(rng, name):
     args = inputs(name, rng, (7, 6), zeros=0.2)
@@ -380,6 +382,7 @@ def test_where_sums_kept_entries_without_renormalising(rng):
     )
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", ALL)
 def test_axis_equals_moveaxis(rng, name):
     last = inputs(name, rng, (3, 5, 4))  # distributions along the last axis
@@ -399,6 +402,7 @@ def test_axis_equals_moveaxis(rng, name):
     chex.assert_trees_all_close(out[0], out[1], out[-1], **TOL)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", ALL)
 def test_vmap_equals_leading_batch_axes(rng, name):
     args = inputs(name, rng, (2, 3, 5), zeros=0.2)
@@ -419,6 +423,7 @@ def test_q_broadcasts_against_p(rng, name):
     chex.assert_trees_all_close(implicit, explicit, **TOL)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", ALL)
 def test_base_divides_by_log_base(rng, name):
     args = inputs(name, rng, (4, 6), zeros=0.2)
@@ -458,6 +463,7 @@ def every_function(p, q, a):
     }
 
 
+@pytest.mark.slow
 def test_check_grads_interior(rng):
     p, q = (f64(simplex(rng, (2, 4), floor=0.3)) for _ in range(2))
     a, b = rng.normal(size=(2, 2, 4))
@@ -511,6 +517,7 @@ def test_masked_entries_get_exactly_zero_gradient(rng, name):
         np.testing.assert_array_equal(np.asarray(g)[~mask], 0.0)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", ALL)
 def test_forward_mode(rng, name):
     args = _interior(name, rng, (3,))
@@ -672,6 +679,7 @@ def test_logits_must_be_floating():
         kl_divergence_from_logits(jnp.zeros(3), jnp.arange(3))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", ALL)
 def test_low_precision_is_computed_in_float32(rng, name):
     args = inputs(name, rng, (3, 5), zeros=0.2)

@@ -40,6 +40,8 @@ from flax import nnx
 import jxent
 from jxent import toy
 
+pytestmark = pytest.mark.slow  # every test here starts processes or trains models
+
 V = len(toy.VOCAB)
 
 

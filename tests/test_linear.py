@@ -116,8 +116,16 @@ def resolve(options, rng, n=N, v=V):
     return out
 
 
-@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
-@pytest.mark.parametrize("name", list(OPTIONS))
+@pytest.mark.parametrize(
+    "name, reduction",
+    [
+        # One case, every option at once, stays in the quick tier; the sweep is slow.
+        pytest.param(name, reduction, id=f"{name}-{reduction}",
+                     marks=() if (name, reduction) == ("everything", "mean") else pytest.mark.slow)
+        for reduction in ("mean", "sum", "none")
+        for name in OPTIONS
+    ],
+)
 def test_value_and_gradients_equal_materialised(rng, name, reduction):
     hidden, kernel, bias, targets = draw(rng)
     if name.startswith("ignore_index"):  # -100 is a class index out of range there
@@ -132,6 +140,7 @@ def test_value_and_gradients_equal_materialised(rng, name, reduction):
     assert_close(got, want)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("chunk_size", [1, 5, N, 1000, None])
 def test_any_chunk_size(rng, chunk_size):
     """Chunks of one position, N, larger than N and the default: the same numbers."""
@@ -140,6 +149,7 @@ def test_any_chunk_size(rng, chunk_size):
     assert_close(got, want)
 
 
+@pytest.mark.slow
 def test_leading_batch_axes(rng):
     """``hidden [B, T, D]``, ``targets [B, T]``: "none" keeps ``[B, T]``."""
     hidden, kernel, bias, targets = draw(rng, n=3 * 7)
@@ -153,6 +163,7 @@ def test_leading_batch_axes(rng):
     assert got[0].shape == (3, 7)
 
 
+@pytest.mark.slow
 def test_tied_embedding_as_transpose(rng):
     """A tied table ``emb [V, D]`` passed as ``emb.T``: its gradient is the materialised one."""
     hidden, kernel, _, targets = draw(rng)
@@ -168,6 +179,7 @@ def test_tied_embedding_as_transpose(rng):
     assert_close(got, want)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
 def test_all_targets_ignored(rng, reduction):
     """Nothing counted: loss 0 and every gradient exactly 0 (not NaN), as the materialised path."""
@@ -197,6 +209,7 @@ def test_masked_rows_may_hold_nan(rng):
     np.testing.assert_array_equal(got[1][0][~mask], 0)
 
 
+@pytest.mark.slow
 def test_bfloat16_within_2e2_of_float64(rng):
     """bf16 hidden/kernel/bias: float32 accumulation, gradients back in bf16, close to float64."""
     hidden, kernel, bias, targets = draw(rng, n=64, d=32, v=300)
@@ -224,6 +237,7 @@ def test_bfloat16_within_2e2_of_float64(rng):
     assert_close((value, grads), want, rtol=2e-2)
 
 
+@pytest.mark.slow
 def test_memory_bounded_by_a_chunk():
     """Compiled temp memory: ≤ 5% of the materialised path's, and flat in N at a fixed chunk.
 
@@ -270,6 +284,7 @@ def test_evaluation_runs_only_the_forward_product(rng):
     assert count_dots(grad_none, hidden, kernel) == 4
 
 
+@pytest.mark.slow
 def test_vmap_equals_batched_and_no_retracing(rng):
     """``vmap`` over sequences equals the per-sequence calls; repeated calls do not retrace."""
     hidden, kernel, bias, targets = draw(rng, n=4 * 9)
@@ -291,6 +306,7 @@ def test_vmap_equals_batched_and_no_retracing(rng):
     assert_close((values, grads), (np.stack([w[0] for w in want]), np.stack([w[1] for w in want])))
 
 
+@pytest.mark.slow
 def test_flax_nnx_linear_head_training_step(rng):
     """An ``nnx.Linear`` head trained with optax: fused and materialised steps agree."""
     vocab, width, batch, length = 40, 12, 3, 10
@@ -452,6 +468,7 @@ VOCAB_PARALLEL = textwrap.dedent(
 )
 
 
+@pytest.mark.slow
 def test_vocab_parallel_in_shard_map():
     """Four host devices: kernel, bias and class_weights sharded along V equal one device."""
     env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4")

@@ -42,6 +42,7 @@ def _check_figures(figures, steps):
         assert row["model"] == pytest.approx(row["mle"], abs=1e-3)
 
 
+@pytest.mark.slow
 def test_json_meets_the_bounds(json_run):
     out = json.loads(json_run.stdout)  # stdout is exactly one JSON object
     for key in ("final_loss", "conditional_entropy", "kl_to_mle", "nll_sum",
@@ -53,6 +54,7 @@ def test_json_meets_the_bounds(json_run):
     assert out["seconds"] < out["total_seconds"] < 60
 
 
+@pytest.mark.slow
 def test_json_figures_match_an_independent_recount(json_run):
     """The reported entropy is that of the seed-0 corpus, recounted here."""
     out = json.loads(json_run.stdout)
@@ -69,6 +71,7 @@ def test_json_figures_match_an_independent_recount(json_run):
     assert out["conditional_entropy"] == pytest.approx(entropy, rel=1e-12)
 
 
+@pytest.mark.slow
 def test_progress_goes_to_stderr(json_run):
     lines = json_run.stderr.strip().splitlines()
     assert any(line.startswith("[language model] step") for line in lines)
@@ -76,6 +79,7 @@ def test_progress_goes_to_stderr(json_run):
     assert "gap to entropy floor" in lines[-1]
 
 
+@pytest.mark.slow
 def test_table_and_plot(tmp_path, capsys):
     path = tmp_path / "loss.png"
     assert main(["--steps", "60", "--sentences", "200", "--seed", "3",
@@ -136,6 +140,7 @@ def test_plot_into_a_read_only_directory_fails_before_training(tmp_path, capsys)
     assert "is not writable; nothing was run" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_a_reader_that_closes_early_ends_the_run_quietly(tmp_path):
     """``python -m jxent | head``: no BrokenPipeError traceback, the SIGPIPE status."""
     with open(tmp_path / "stderr", "w+") as stderr:
@@ -152,6 +157,7 @@ def test_a_reader_that_closes_early_ends_the_run_quietly(tmp_path):
     assert returncode == 141
 
 
+@pytest.mark.slow
 def test_the_mle_of_a_context_never_seen_is_undefined(capsys):
     """A one-sentence corpus leaves example contexts unseen: no ``0/0  0.0000`` MLE."""
     argv = ["--sentences", "1", "--steps", "5", "--quiet"]

@@ -23,6 +23,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+pytestmark = pytest.mark.slow  # every test here starts processes or trains models
+
 EXAMPLE = Path(__file__).parents[1] / "examples" / "multiprocess.py"
 # Faster compilation of the same programs (as tests/test_parallel.py does).
 FAST_COMPILE = "--xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true"

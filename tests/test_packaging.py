@@ -50,6 +50,7 @@ def readme_tour() -> str:
     return re.search(r"```python\n(.*?)```", section, re.S).group(1)
 
 
+@pytest.mark.slow
 def test_the_readme_tour_runs():
     # as a user runs it: jax's default rank promotion, not conftest's strict mode
     with jax.numpy_rank_promotion("allow"):

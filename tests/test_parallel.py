@@ -54,6 +54,7 @@ def test_mesh_checks(group):
     assert "all mesh checks passed" in result.stdout, report
 
 
+@pytest.mark.slow
 def test_distributed_example_runs_and_matches_one_device():
     """examples/distributed.py sets its own 8 devices and exits 1 on any mismatch."""
     env = dict(os.environ, JAX_PLATFORMS="cpu")
@@ -66,6 +67,7 @@ def test_distributed_example_runs_and_matches_one_device():
     assert "all-gather" not in result.stdout
 
 
+@pytest.mark.slow
 def test_mesh_checks_refuse_to_run_on_one_device():
     env = dict(os.environ, JAX_PLATFORMS="cpu")
     env.pop("XLA_FLAGS", None)
@@ -76,6 +78,7 @@ def test_mesh_checks_refuse_to_run_on_one_device():
     assert "needs 8 devices, found 1" in result.stdout
 
 
+@pytest.mark.slow
 def test_one_device_mesh_equals_plain_loss(rng):
     """``vocab_axis_name`` over a mesh of one device is the plain loss, value and gradient."""
     logits = jnp.asarray(rng.normal(size=(3, 5, 16)), jnp.float32)

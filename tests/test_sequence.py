@@ -430,8 +430,11 @@ def test_shift_is_required_and_says_which_to_pass():
             f(logits, tokens)
         with pytest.raises(TypeError, match=re.escape("or shift=False for logits already aligned")):
             f(logits[:, :-1], tokens[:, 1:])
-        with pytest.raises(TypeError, match="shift must be True or False, got 1"):
-            f(logits, tokens, shift=1)
+        # An int k is the k-th next token (1 is True); anything else is refused.
+        for bad in (-1, 1.0, "1"):
+            with pytest.raises(TypeError, match=f"shift must be True, False or an int k >= 0, "
+                                                f"got {bad!r}"):
+                f(logits, tokens, shift=bad)
         with pytest.raises(TypeError, match=re.escape("static_argnames=('shift',)")):
             jax.jit(f)(logits, tokens, shift=True)
 

@@ -74,6 +74,7 @@ RICH = {"label_smoothing": 0.1, "z_loss": 1e-2, "logit_softcap": 3.0}
 # Equivalences
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("label_smoothing", [0.0, 0.1, 1.0])
 @pytest.mark.parametrize("weighted", [False, True])
 def test_integer_targets_equal_one_hot(rng, label_smoothing, weighted):
@@ -160,6 +161,7 @@ def test_ignore_index_equals_where(rng):
     assert not np.isclose(ignoring[0], default)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("axis", [0, 1, -2])
 def test_class_axis_equals_moveaxis(rng, axis):
     """A class axis anywhere equals moving it last (PyTorch's ``[N, C, d]`` is ``axis=1``)."""
@@ -418,6 +420,7 @@ def test_masked_nonfinite_logits_reach_neither_value_nor_gradient(rng, probabili
         close(grad, clean_grad)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("label_smoothing", [0.0, 0.3])
 def test_masked_nonfinite_logits_leave_the_class_weight_gradient_finite(rng, label_smoothing):
     """d loss / d class_weights reads the logits: masked NaN/inf must not reach it.
@@ -504,6 +507,7 @@ def test_out_of_range_targets_raise_on_eager_calls(rng, bad, ignore_index, dtype
         jxent.softmax_cross_entropy(logits, targets, ignore_index=ignore_index)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     ("num_classes", "bad", "dtype", "ignore_index"),
     [
@@ -717,6 +721,7 @@ def test_gradient_with_respect_to_probability_targets_is_minus_log_p():
     close(jvp, np.sum(-(1 - eps) * np.asarray(weights) * log_p * np.asarray(tangent)), 1e-6)
 
 
+@pytest.mark.slow
 def test_check_grads_over_logits_and_probability_targets(rng):
     """optax's SoftmaxCrossEntropyTest.test_gradient: check_grads over logits and labels."""
     logits, _, weights = draw(rng)
@@ -856,8 +861,11 @@ def test_errors_name_the_argument_and_the_fix():
     with pytest.raises(ValueError, match=re.escape("PyTorch's [N, C, d1, ...] layout with the classes on axis 1; pass axis=1")):  # noqa: E501
         sce(torch_layout, np.zeros((2, 7), np.int32))
     close(sce(torch_layout, np.zeros((2, 7), np.int32), axis=1), np.float32(np.log(10)))
-    with pytest.raises(ValueError, match=re.escape("0 classes along axis=1")):
+    # The axis as the call gave it (0.3 named axis=1 for this axis=-1 call).
+    with pytest.raises(ValueError, match=re.escape("0 classes along axis=-1")):
         sce(np.zeros((4, 0), np.float32), np.zeros(4, np.int32))
+    with pytest.raises(ValueError, match=re.escape("0 classes along axis=1")):
+        sce(np.zeros((4, 0, 3), np.float32), np.zeros((4, 3), np.int32), axis=1)
 
 
 def test_traced_ignore_index_says_to_make_it_static():

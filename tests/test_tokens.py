@@ -236,6 +236,7 @@ def test_minus_inf_logits_at_counted_positions_are_zero_probability_classes(rng)
     assert bad.log_prob[0] == -np.inf and np.isfinite(bad.entropy[0])
 
 
+@pytest.mark.slow
 def test_check_grads_forward_and_reverse(rng):
     logits, tokens, where = draw(rng, shape=(2, 3), vocab=4, scale=1.0)
     logits = logits.astype(np.float64)
@@ -329,7 +330,7 @@ def test_token_objective_matches_numpy_and_the_explicit_sum(rng, shift):
             lambda x, a, o, t: jxent.token_objective(
                 x, tokens, fn, shift=shift, args=(a, o), where=where, temperature=t
             )
-        )(logits, advantage, old, temp)
+        )(logits, cut(advantage), cut(old), temp)
         log_prob, entropy, _, _ = token_stats_np(
             logits, tokens, where, shift=shift, temperature=temp
         )
@@ -341,7 +342,8 @@ def test_token_objective_matches_numpy_and_the_explicit_sum(rng, shift):
         return jnp.sum(jnp.where(cut(where), fn(s, cut(advantage), cut(old)), 0))
 
     objective = lambda x: jxent.token_objective(
-        x, tokens, fn, shift=shift, args=(advantage, old), where=where, temperature=0.7
+        x, tokens, fn, shift=shift, args=(cut(advantage), cut(old)), where=where,
+        temperature=0.7,
     )
     close(jax.value_and_grad(objective)(logits), jax.value_and_grad(explicit)(logits))
 
@@ -377,9 +379,16 @@ def test_token_objective_errors():
         jxent.token_objective(logits, tokens, 3.0, shift=True)
     with pytest.raises(TypeError, match="args must be a tuple"):
         jxent.token_objective(logits, tokens, fn, shift=True, args=np.zeros((2, 5)))
-    with pytest.raises(ValueError, match=re.escape("args[0] has shape (2, 4)")):
+    # args are aligned with the predicted positions [2, 4]: the tokens' [2, 5] is refused.
+    with pytest.raises(ValueError, match=re.escape("args[0] has shape (2, 5)") + ".*"
+                       + re.escape("pass args[0][..., 1:]")):
         jxent.token_objective(
-            logits, tokens, lambda s, a: a, shift=True, args=(np.zeros((2, 4)),)
+            logits, tokens, lambda s, a: a, shift=True, args=(np.zeros((2, 5)),)
+        )
+    with pytest.raises(ValueError, match=re.escape("args[0] has shape (2,)") + ".*"
+                       + re.escape("a[:, None] for one value per sequence")):
+        jxent.token_objective(
+            logits, tokens, lambda s, a: a, shift=True, args=(np.zeros(2),)
         )
     with pytest.raises(ValueError, match=re.escape("one value per position), got shape ()")):
         jxent.token_objective(logits, tokens, lambda s: jnp.sum(s.log_prob), shift=True)
@@ -401,6 +410,7 @@ def draw_pair(rng, shape=(B, T), vocab=V):
     return student, teacher, where, targets
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("divergence", ["kl", "reverse_kl", "jsd"])
 @pytest.mark.parametrize("temperature", [0.5, 1.0, 2.0])
 def test_divergences_match_numpy(rng, divergence, temperature):
@@ -409,7 +419,7 @@ def test_divergences_match_numpy(rng, divergence, temperature):
         f = jax.jit(
             lambda s, t, w, beta=beta: jxent.distillation_loss(
                 s,
-                t,
+                t, shift=False,
                 divergence=divergence,
                 beta=beta,
                 temperature=temperature,
@@ -431,6 +441,7 @@ def test_divergences_match_numpy(rng, divergence, temperature):
         assert np.all(np.asarray(got) >= 0)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
 @pytest.mark.parametrize("divergence", ["kl", "reverse_kl", "jsd"])
 def test_hard_weight_targets_masks_and_reductions_match_numpy(rng, reduction, divergence):
@@ -440,7 +451,9 @@ def test_hard_weight_targets_masks_and_reductions_match_numpy(rng, reduction, di
 
     @jax.jit
     def f(s, t, w, y, alpha):
-        return jxent.distillation_loss(s, t, where=w, targets=y, hard_weight=alpha, **kw)
+        return jxent.distillation_loss(
+            s, t, shift=False, where=w, targets=y, hard_weight=alpha, **kw,
+        )
 
     for alpha in (0.0, 0.4, 1.0):
         expected = distillation_np(
@@ -448,7 +461,7 @@ def test_hard_weight_targets_masks_and_reductions_match_numpy(rng, reduction, di
         )
         close(f(student, teacher, where, targets, alpha), expected)  # traced hard_weight
     static = jxent.distillation_loss(
-        student, teacher, where=where, targets=targets, hard_weight=0.4, **kw
+        student, teacher, shift=False, where=where, targets=targets, hard_weight=0.4, **kw
     )
     close(
         static,
@@ -463,7 +476,7 @@ def test_ignore_index_drops_the_position_from_both_terms_and_the_denominator(rng
     dropped[0, 0] = -100
     f = jax.jit(
         lambda y, w: jxent.distillation_loss(
-            student, teacher, targets=y, where=w, hard_weight=0.5, divergence="jsd"
+            student, teacher, shift=False, targets=y, where=w, hard_weight=0.5, divergence="jsd"
         )
     )
     mask = np.ones((B, T), bool)
@@ -482,11 +495,14 @@ def test_student_gradient_matches_float64_finite_differences(rng, divergence):
         targets=targets,
         hard_weight=0.25,
     )
-    grad = jax.jit(jax.grad(lambda s: jxent.distillation_loss(s, teacher, **kw)))(student)
+    grad = jax.jit(
+        jax.grad(lambda s: jxent.distillation_loss(s, teacher, shift=False, **kw)))(student,
+    )
     expected = numeric_grad(lambda s: distillation_np(s, teacher, **kw), student)
     close(grad, expected, tol=2e-5)
 
 
+@pytest.mark.slow
 def test_distillation_check_grads_forward_and_reverse(rng):
     student, teacher, where, targets = draw_pair(rng, shape=(3,), vocab=4)
     with jax.enable_x64(True):
@@ -496,7 +512,7 @@ def test_distillation_check_grads_forward_and_reverse(rng):
             return [
                 jxent.distillation_loss(
                     s,
-                    teacher,
+                    teacher, shift=False,
                     divergence=d,
                     beta=0.4,
                     temperature=temp,
@@ -543,7 +559,7 @@ def test_jsd_equals_trls_generalized_jsd_loss(rng, beta):
 
     got = jax.jit(
         lambda s, t, w: jxent.distillation_loss(
-            s, t, divergence="jsd", beta=beta, temperature=temperature, where=w
+            s, t, shift=False, divergence="jsd", beta=beta, temperature=temperature, where=w
         )
     )(student, teacher, labels != -100)
     close(got, trl)
@@ -552,7 +568,7 @@ def test_jsd_equals_trls_generalized_jsd_loss(rng, beta):
 def test_kl_of_a_distribution_to_itself_is_zero_and_jsd_is_at_most_log_2(rng):
     student, _, _, _ = draw_pair(rng)
     f = jax.jit(
-        lambda s, t, d: jxent.distillation_loss(s, t, divergence=d, reduction="none"),
+        lambda s, t, d: jxent.distillation_loss(s, t, shift=False, divergence=d, reduction="none"),
         static_argnums=2,
     )
     for divergence in ("kl", "reverse_kl", "jsd"):
@@ -576,7 +592,7 @@ def test_teacher_gets_no_gradient(rng):
         for d in ("kl", "reverse_kl", "jsd"):
             loss = lambda s, t, d=d: jxent.distillation_loss(
                 s,
-                t,
+                t, shift=False,
                 divergence=d,
                 temperature=2.0,
                 where=where,
@@ -606,7 +622,7 @@ def test_a_class_impossible_under_both_contributes_nothing(rng):
             jax.value_and_grad(
                 lambda s, d=d: jxent.distillation_loss(
                     s,
-                    t,
+                    t, shift=False,
                     divergence=d,
                     where=where,
                     targets=y,
@@ -633,7 +649,9 @@ def test_masked_nan_logits_reach_neither_value_nor_gradient(rng):
     teacher[1, 1] = np.inf
     f = jax.jit(
         jax.value_and_grad(
-            lambda s: jxent.distillation_loss(s, teacher, divergence="jsd", where=where)
+            lambda s: jxent.distillation_loss(
+                s, teacher, shift=False, divergence="jsd", where=where,
+            )
         )
     )
     value, grad = f(student)
@@ -645,15 +663,21 @@ def test_masked_nan_logits_reach_neither_value_nor_gradient(rng):
 
 def test_distillation_vmap_forward_mode_and_all_masked(rng):
     student, teacher, where, _ = draw_pair(rng)
-    f = lambda s, t, w: jxent.distillation_loss(s, t, divergence="jsd", where=w, reduction="none")
+    f = lambda s, t, w: jxent.distillation_loss(
+        s, t, shift=False, divergence="jsd", where=w, reduction="none",
+    )
     close(jax.jit(jax.vmap(f))(student, teacher, where), jax.jit(f)(student, teacher, where))
     tangent = rng.standard_normal(student.shape).astype(np.float32)
-    mean = lambda s: jxent.distillation_loss(s, teacher, divergence="reverse_kl", where=where)
+    mean = lambda s: jxent.distillation_loss(
+        s, teacher, shift=False, divergence="reverse_kl", where=where,
+    )
     _, jvp = jax.jit(lambda s, d: jax.jvp(mean, (s,), (d,)))(student, tangent)
     close(jvp, jnp.vdot(jax.jit(jax.grad(mean))(student), tangent), tol=1e-5)
     nothing = np.zeros((B, T), bool)
     value, grad = jax.jit(
-        jax.value_and_grad(lambda s: jxent.distillation_loss(s, teacher, where=nothing))
+        jax.value_and_grad(
+            lambda s: jxent.distillation_loss(s, teacher, shift=False, where=nothing),
+        )
     )(student)
     assert value == 0 and np.all(np.asarray(grad) == 0)
 
@@ -661,42 +685,47 @@ def test_distillation_vmap_forward_mode_and_all_masked(rng):
 def test_distillation_errors(rng):
     student, teacher, _, targets = draw_pair(rng)
     with pytest.raises(ValueError, match=r"divergence must be one of 'kl', 'reverse_kl', 'jsd'"):
-        jxent.distillation_loss(student, teacher, divergence="js")
+        jxent.distillation_loss(student, teacher, shift=False, divergence="js")
     with pytest.raises(ValueError, match=r"reduction must be one of"):
-        jxent.distillation_loss(student, teacher, reduction="batchmean")
+        jxent.distillation_loss(student, teacher, shift=False, reduction="batchmean")
     for beta in (0.0, 1.0, 1.5):
         with pytest.raises(ValueError, match=r"beta must be a float in the open interval \(0, 1\)"):
-            jxent.distillation_loss(student, teacher, divergence="jsd", beta=beta)
-    jxent.distillation_loss(student, teacher, divergence="kl", beta=0.0)  # beta unused by "kl"
+            jxent.distillation_loss(student, teacher, shift=False, divergence="jsd", beta=beta)
+    # beta is unused by "kl"
+    jxent.distillation_loss(student, teacher, shift=False, divergence="kl", beta=0.0)
     with pytest.raises(ValueError, match=r"hard_weight=0.5 .* targets is None"):
-        jxent.distillation_loss(student, teacher, hard_weight=0.5)
+        jxent.distillation_loss(student, teacher, shift=False, hard_weight=0.5)
     with pytest.raises(ValueError, match=r"hard_weight must be a float in \[0, 1\]"):
-        jxent.distillation_loss(student, teacher, targets=targets, hard_weight=1.5)
+        jxent.distillation_loss(student, teacher, shift=False, targets=targets, hard_weight=1.5)
     with pytest.raises(ValueError, match=r"temperature must be a finite float > 0"):
-        jxent.distillation_loss(student, teacher, temperature=0.0)
+        jxent.distillation_loss(student, teacher, shift=False, temperature=0.0)
     with pytest.raises(ValueError, match=r"teacher_logits has shape \(2, 5, 6\) but student"):
-        jxent.distillation_loss(student, teacher[..., :6])
+        jxent.distillation_loss(student, teacher[..., :6], shift=False)
     with pytest.raises(ValueError, match=r"targets has shape \(2, 4\)"):
-        jxent.distillation_loss(student, teacher, targets=targets[:, :4], hard_weight=0.5)
+        jxent.distillation_loss(
+            student, teacher, shift=False, targets=targets[:, :4], hard_weight=0.5,
+        )
     with pytest.raises(TypeError, match=r"targets.*astype\(jnp.int32\)"):
-        jxent.distillation_loss(student, teacher, targets=targets * 1.0, hard_weight=0.5)
+        jxent.distillation_loss(
+            student, teacher, shift=False, targets=targets * 1.0, hard_weight=0.5,
+        )
     bad = targets.copy()
     bad[0, 0] = V
     with pytest.raises(ValueError, match=r"targets must be class indices in \[0, 7\) or "):
-        jxent.distillation_loss(student, teacher, targets=bad, hard_weight=0.5)
+        jxent.distillation_loss(student, teacher, shift=False, targets=bad, hard_weight=0.5)
     with pytest.raises(ValueError, match=r"where has shape \(2,\)"):
-        jxent.distillation_loss(student, teacher, where=np.ones(2, bool))
+        jxent.distillation_loss(student, teacher, shift=False, where=np.ones(2, bool))
 
 
 def test_traced_temperature_and_beta_equal_static(rng):
     student, teacher, where, _ = draw_pair(rng)
     traced = jax.jit(
         lambda s, t, temp, beta: jxent.distillation_loss(
-            s, t, divergence="jsd", beta=beta, temperature=temp, where=where
+            s, t, shift=False, divergence="jsd", beta=beta, temperature=temp, where=where
         )
     )
     static = jxent.distillation_loss(
-        student, teacher, divergence="jsd", beta=0.2, temperature=0.6, where=where
+        student, teacher, shift=False, divergence="jsd", beta=0.2, temperature=0.6, where=where
     )
     close(traced(student, teacher, 0.6, 0.2), static)
 
@@ -724,8 +753,9 @@ def stats(x, name=None):
 
 def distill(x, t, name=None):
     return sum(
-        jxent.distillation_loss(x, t, divergence=d, beta=0.3, temperature=2.0, where=where,
-                                targets=targets, hard_weight=0.4, vocab_axis_name=name)
+        jxent.distillation_loss(x, t, shift=False, divergence=d, beta=0.3, temperature=2.0,
+                                where=where, targets=targets, hard_weight=0.4,
+                                vocab_axis_name=name)
         for d in ("kl", "reverse_kl", "jsd")
     )
 
@@ -747,6 +777,7 @@ print("sharded ok")
 """
 
 
+@pytest.mark.slow
 def test_vocab_sharded_equals_unsharded():
     """4 host devices, the vocabulary sharded: values and gradients equal one device."""
     flags = "--xla_force_host_platform_device_count=4 --xla_backend_optimization_level=0"

@@ -180,6 +180,7 @@ def test_log_likelihood_and_kl_ignore_minus_inf_where_unseen():
 # --------------------------------------------------------------------------- the figures
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("variant", VARIANTS)
 def test_final_loss_reaches_the_empirical_conditional_entropy(trained, variant):
     data, loss_fn, events, shape, fit = trained[variant]
@@ -194,6 +195,7 @@ def test_final_loss_reaches_the_empirical_conditional_entropy(trained, variant):
     assert fit.losses[2] - entropy > 1e-2
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("variant", VARIANTS)
 def test_model_conditionals_reach_the_count_ratios(trained, variant):
     _, _, events, shape, fit = trained[variant]
@@ -214,6 +216,7 @@ def test_summed_nll_is_minus_the_log_likelihood(trained, variant):
     np.testing.assert_allclose(nll_sum, -log_likelihood, rtol=1e-4)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("variant", VARIANTS)
 def test_loss_decomposes_into_entropy_plus_weighted_kl(trained, variant):
     """L(q) = H(Y | C) + Σ_c (N_c / N) KL(p̂_c ‖ q_c), before and after training."""

@@ -86,6 +86,7 @@ def assert_matches(jx_value, jx_grad, value, grad) -> None:
     np.testing.assert_allclose(jx_grad, grad, rtol=TOL, atol=TOL, err_msg="gradient")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("group", GROUPS, ids=[group_id(g) for g in GROUPS])
 def test_fixture_group(group):
     assert_matches(*jxent_outputs(group, stacked=True), group["value"], group["grad"])
@@ -96,6 +97,7 @@ FIRST_OF_EACH_LAYOUT = [
 ]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("group", FIRST_OF_EACH_LAYOUT, ids=LAYOUTS)
 def test_fixture_unbatched_path(group):
     """A case without vmap: its own jitted call."""
@@ -138,6 +140,7 @@ def test_fixture_is_small_and_covers_the_design():
             assert g["targets"].ndim == (2 if g["options"]["probability"] else 1)
 
 
+@pytest.mark.slow
 def test_fixture_is_what_the_generator_writes():
     """Regenerating with the installed torch reproduces the committed fixture."""
     pytest.importorskip("torch")
@@ -155,6 +158,7 @@ def test_fixture_is_what_the_generator_writes():
 LIVE_CASES = random_cases(SEED + 1, 16)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("case", LIVE_CASES, ids=[group_id(c) for c in LIVE_CASES])
 def test_live_against_torch(case):
     """Fresh seeded cases with random options (any smoothing in [0, 1]), against torch."""

@@ -1,10 +1,14 @@
-"""One chunk of the fused engine (:mod:`jxent._chunked`): its logits, its core, its gradients.
+"""One chunk of the fused engine: its logits, its core, its gradients.
 
-For chunk ``i`` of ``C`` positions: the ``[C, V]`` logits of every
-``LinearLogits`` (rows not counted zeroed first), the dense per-position core
-on them, and, given cotangents, ``∂/∂logits`` (``jax.vjp`` of the core, or a
-:class:`Rule`'s pullback) turned into the rows of ``∂/∂hidden``,
-``∂/∂kernel`` (added in place) and ``∂/∂bias`` by three products.
+For chunk ``i`` of ``C`` positions: the ``[C, V]`` logits of every member
+(``hidden @ kernel + bias`` of a linear member, with rows not counted zeroed
+first; the rows of a dense member), the dense per-position core on them, and,
+given cotangents, ``∂/∂logits`` (``jax.vjp`` of the core, or a :class:`Rule`'s
+pullback) turned into the rows of ``∂/∂hidden``, ``∂/∂kernel`` (added in
+place) and ``∂/∂bias`` by three products.
+
+A member is ``(hidden [N, D], kernel [D, V], bias [V] | None)`` or a dense
+``[N, V]`` array (a teacher's logits: never differentiated).
 """
 
 from __future__ import annotations
@@ -15,10 +19,8 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
-from ._checks import float_dtype
+from .._checks import float_dtype
 from ._mesh import loop, make_varying, varying_axes
-
-__all__ = ["Plan", "Rule", "chunk_step", "float_leaves", "grad_init", "pullback_step", "write"]
 
 # The product added into the kernel's gradient is formed this many elements at a time.
 _BLOCK_ELEMENTS = 1 << 22
@@ -33,8 +35,38 @@ class Plan(NamedTuple):
     trainable: tuple
     positions: int
 
+    def call(self, logits, rows, counted, arrays, *extra):
+        """The core on one chunk, its static options and the traced ones (``arrays``) merged."""
+        options = dict(self.options, **arrays)
+        return self.core(logits, rows, counted, *extra, **options)
 
-# --- one chunk ------------------------------------------------------------------------
+
+class Rule(NamedTuple):
+    """A per-chunk core with a hand-written pullback, for ``mode="positions"``.
+
+    The generic backward pass takes ``jax.vjp`` of the core on each chunk's
+    recomputed logits, which redoes every reduction over classes of the
+    forward pass. A rule instead saves a few per-position vectors in the
+    forward pass (``[N]``-sized, kept as residuals) and forms the logits'
+    gradient from them in one elementwise pass.
+
+    Attributes:
+      forward: ``forward(logits, rows, counted, **options) -> (outputs, saved)``,
+        ``saved`` a pytree of per-position vectors.
+      pullback: ``pullback(logits, rows, counted, saved, cts, **options)`` -> a
+        tuple of ``∂/∂logits``, one per trainable member; ``cts`` the
+        cotangents of the floating outputs, in leaf order.
+    """
+
+    forward: Callable
+    pullback: Callable
+
+    def __call__(self, *args, **options):
+        return self.forward(*args, **options)[0]
+
+
+def is_linear(member) -> bool:
+    return isinstance(member, tuple)
 
 
 def _chunk_start(plan: Plan, i):
@@ -49,15 +81,17 @@ def _chunk_start(plan: Plan, i):
     return start, fresh
 
 
-def _rows(x, start, size):
+def rows_of(x, start, size):
     return jax.lax.dynamic_slice_in_dim(x, start, size)
 
 
-def _chunk_logits(linear, start, size, mask):
-    """``h @ kernel + bias`` for one chunk; rows not counted are zeroed first (NaN-safe)."""
-    hidden, kernel, bias = linear
+def _chunk_logits(member, start, size, mask):
+    """``(h, logits)`` of one chunk; rows of ``hidden`` not counted are zeroed first (NaN-safe)."""
+    if not is_linear(member):
+        return None, rows_of(member, start, size)
+    hidden, kernel, bias = member
     acc = float_dtype(hidden.dtype, kernel.dtype)
-    h = jnp.where(mask[:, None], _rows(hidden, start, size), 0)
+    h = jnp.where(mask[:, None], rows_of(hidden, start, size), 0)
     logits = jnp.dot(h, kernel, preferred_element_type=acc)
     if bias is not None:
         logits = logits + bias.astype(acc)[None, :]
@@ -101,13 +135,14 @@ def _accumulate_outer(d_kernel, h, g, acc):
     return d_kernel
 
 
-def grad_init(linears, trainable):
-    """Zero gradients (``d_hidden``, ``d_kernel``, ``d_bias``) for each trainable linear."""
+def grad_init(members, trainable):
+    """Zero gradients (``d_hidden``, ``d_kernel``, ``d_bias``) for each trainable member."""
     out = []
-    for (hidden, kernel, bias), train in zip(linears, trainable, strict=True):
+    for member, train in zip(members, trainable, strict=True):
         if not train:
             out.append(None)
             continue
+        hidden, kernel, bias = member
         acc = float_dtype(hidden.dtype, kernel.dtype)
         out.append(
             (
@@ -123,50 +158,25 @@ def float_leaves(tree) -> list[bool]:
     return [jnp.issubdtype(x.dtype, jnp.inexact) for x in jax.tree.leaves(tree)]
 
 
-class Rule(NamedTuple):
-    """A per-chunk core with a hand-written pullback, for ``mode="positions"``.
-
-    The generic backward pass takes ``jax.vjp`` of the core on each chunk's
-    recomputed logits, which redoes every reduction over classes of the
-    forward pass. A rule instead saves a few per-position vectors in the
-    forward pass (``[N]``-sized, kept as residuals) and forms the logits'
-    gradient from them in one elementwise pass.
-
-    Attributes:
-      forward: ``forward(logits, rows, counted, consts, **options) ->
-        (outputs, saved)``, ``saved`` a pytree of ``[C]`` vectors.
-      pullback: ``pullback(logits, rows, counted, consts, saved, cts,
-        **options)`` -> a tuple of ``[C, V]`` gradients, one per trainable
-        ``LinearLogits``; ``cts`` the ``[C]`` cotangents of the floating
-        outputs, in leaf order.
-    """
-
-    forward: Callable
-    pullback: Callable
-
-    def __call__(self, *args, **options):
-        return self.forward(*args, **options)[0]
-
-
-def _chunk_inputs(plan: Plan, i, linears, rows, counted):
+def _chunk_inputs(plan: Plan, i, members, rows, counted):
     """Chunk ``i``'s start, fresh and counted positions, ``(h, logits)`` pairs and rows."""
     size = plan.chunk
     start, fresh = _chunk_start(plan, i)
-    m = _rows(counted, start, size) & fresh
-    inputs = [_chunk_logits(lin, start, size, m) for lin in linears]
-    rows_c = jax.tree.map(lambda r: _rows(r, start, size), rows)
+    m = rows_of(counted, start, size) & fresh
+    inputs = [_chunk_logits(member, start, size, m) for member in members]
+    rows_c = jax.tree.map(lambda r: rows_of(r, start, size), rows)
     return start, fresh, m, inputs, rows_c
 
 
-def _add_grads(plan: Plan, inputs, linears, d_logits, grads, start, fresh):
+def _add_grads(plan: Plan, inputs, members, d_logits, grads, start, fresh):
     """The gradients of ``hidden`` rows, ``kernel`` and ``bias`` from each ``∂/∂logits``."""
     d_logits = iter(d_logits)
     new_grads = []
-    for (h, _), lin, train, g_acc in zip(inputs, linears, plan.trainable, grads, strict=True):
+    for (h, _), member, train, g_acc in zip(inputs, members, plan.trainable, grads, strict=True):
         if not train:
             new_grads.append(None)
             continue
-        _, kernel, bias = lin
+        _, kernel, _ = member
         d_hidden, d_kernel, d_bias = g_acc
         acc = d_kernel.dtype
         g_logits = next(d_logits)
@@ -183,29 +193,28 @@ def _add_grads(plan: Plan, inputs, linears, d_logits, grads, start, fresh):
 def _chunk_cts(ct, start, size, like):
     """The ``[C]`` slices of the cotangents, each in the dtype and variance of its output."""
     return [
-        make_varying(_rows(c, start, size).astype(o.dtype), varying_axes(o))
+        make_varying(rows_of(c, start, size).astype(o.dtype), varying_axes(o))
         for c, o in zip(ct, like, strict=True)
     ]
 
 
-def chunk_step(plan: Plan, i, linears, rows, counted, consts, ct=None, grads=None):
+def chunk_step(plan: Plan, i, members, rows, counted, arrays, ct=None, grads=None):
     """Chunk ``i``: its outputs, and with ``ct`` the gradients of ``Σ ct · outputs`` added in.
 
     ``ct`` is a list of ``[N]`` cotangents for the core's floating outputs
     (``None`` for a forward-only pass). Without ``ct`` it returns ``(start,
     fresh, outputs, saved)``, ``saved`` from a :class:`Rule` core (else None).
     """
-    start, fresh, m, inputs, rows_c = _chunk_inputs(plan, i, linears, rows, counted)
+    start, fresh, m, inputs, rows_c = _chunk_inputs(plan, i, members, rows, counted)
     logits = tuple(x for _, x in inputs)
-    options = dict(plan.options)
-    forward = plan.core.forward if isinstance(plan.core, Rule) else None
+    rule = isinstance(plan.core, Rule)
 
     def core(*trained):
         it = iter(trained)
         full = tuple(next(it) if t else x for x, t in zip(logits, plan.trainable, strict=True))
-        if forward is not None:
-            return forward(full, rows_c, m, consts, **options)
-        return plan.core(full, rows_c, m, consts, **options), None
+        if rule:
+            return plan._replace(core=plan.core.forward).call(full, rows_c, m, arrays)
+        return plan.call(full, rows_c, m, arrays), None
 
     trained = [x for x, t in zip(logits, plan.trainable, strict=True) if t]
     if ct is None:
@@ -220,15 +229,16 @@ def chunk_step(plan: Plan, i, linears, rows, counted, consts, ct=None, grads=Non
         for leaf, f in zip(leaves, float_leaves(outputs), strict=True)
     ]
     d_logits = pull(jax.tree.unflatten(treedef, cts))
-    grads = _add_grads(plan, inputs, linears, d_logits, grads, start, fresh)
+    grads = _add_grads(plan, inputs, members, d_logits, grads, start, fresh)
     return start, fresh, outputs, grads
 
 
-def pullback_step(plan: Plan, i, linears, rows, counted, consts, saved, ct, grads):
+def pullback_step(plan: Plan, i, members, rows, counted, arrays, saved, ct, grads):
     """Chunk ``i``'s gradients from a :class:`Rule`'s pullback and the saved vectors."""
-    start, fresh, m, inputs, rows_c = _chunk_inputs(plan, i, linears, rows, counted)
+    start, fresh, m, inputs, rows_c = _chunk_inputs(plan, i, members, rows, counted)
     logits = tuple(x for _, x in inputs)
-    saved_c = jax.tree.map(lambda s: _rows(s, start, plan.chunk), saved)
-    cts = [_rows(c, start, plan.chunk) for c in ct]
-    d_logits = plan.core.pullback(logits, rows_c, m, consts, saved_c, cts, **dict(plan.options))
-    return _add_grads(plan, inputs, linears, d_logits, grads, start, fresh)
+    saved_c = jax.tree.map(lambda s: rows_of(s, start, plan.chunk), saved)
+    cts = [rows_of(c, start, plan.chunk) for c in ct]
+    pullback = plan._replace(core=plan.core.pullback)
+    d_logits = pullback.call(logits, rows_c, m, arrays, saved_c, cts)
+    return _add_grads(plan, inputs, members, d_logits, grads, start, fresh)

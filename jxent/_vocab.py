@@ -1,4 +1,4 @@
-"""Reductions over the class axis, local or across a vocab-sharded mesh axis.
+"""Reductions over the vocabulary (the class axis), local or across vocab-sharded devices.
 
 :class:`ClassOps` puts the local and the vocab-sharded (``shard_map`` with
 ``vocab_axis_name``) forms of every reduction over classes behind one small
@@ -22,13 +22,14 @@ __all__ = ["ClassOps", "class_weight_vector", "take_weight"]
 class ClassOps(NamedTuple):
     """Reductions over the class axis: local, or across a vocab-sharded mesh axis.
 
-    With ``axis_name`` set (inside ``shard_map``), every reduction over classes
-    is followed by a ``psum``/``pmax`` of a ``[tokens]``-sized result, and
-    ``offset`` is the first global class id held by this shard.
+    With ``axis_name`` set (inside ``shard_map``: a mesh axis name, or a tuple
+    of them for a vocabulary sharded over several axes), every reduction over
+    classes is followed by a ``psum``/``pmax`` of a ``[tokens]``-sized result,
+    and ``offset`` is the first global class id held by this shard.
     """
 
     axis: int
-    axis_name: str | None
+    axis_name: str | tuple[str, ...] | None
     num_local: int
 
     @property
@@ -168,3 +169,28 @@ def take_weight(weights, index, ops: ClassOps, dtype):
     mine = (local >= 0) & (local < ops.num_local)
     out = ops.sum_tokens(jnp.where(mine, w[jnp.where(mine, local, 0)], 0))
     return jnp.where(index >= ops.num_classes, jnp.nan, out)
+
+
+def scaled(value, temperature, dtype):
+    """``value / temperature`` (nothing at all for a static temperature of 1)."""
+    if isinstance(temperature, float) and temperature == 1.0:
+        return value
+    return value / jnp.asarray(temperature, dtype)
+
+
+def shifted(logits, keep, temperature, ops: ClassOps, dtype):
+    """``(x, d, top, raw_top)`` for logits with the class axis last.
+
+    ``x`` the logits in ``dtype``; ``raw_top`` the per-position max of the raw
+    logits (keepdims, no gradient, combined across shards); ``top`` the same,
+    0 where not kept or not finite; ``d = (x − top) / T``, 0 where not kept.
+    The max reads the raw logits (no masked copy); the ``where`` feeding ``d``
+    fuses into its consumers.
+    """
+    x = logits.astype(dtype)
+    raw_top = jax.lax.stop_gradient(jnp.max(x, axis=-1, keepdims=True))
+    if ops.axis_name is not None:
+        raw_top = jax.lax.pmax(raw_top, ops.axis_name)
+    top = jnp.where(keep & jnp.isfinite(raw_top), raw_top, 0)
+    d = scaled(jnp.where(keep, x, 0) - top, temperature, dtype)
+    return x, d, top, raw_top

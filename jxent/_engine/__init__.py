@@ -1,0 +1,129 @@
+"""The engine: the third of the four steps of each public function, and its one dispatch.
+
+:func:`run` evaluates a per-position *core* (a function of logits with the
+class axis last, holding math only) on dense logits, or on
+:class:`~jxent.LinearLogits` through the chunked loops of :mod:`._loop`
+without ever forming the ``[positions, V]`` logits. It is the one place where
+dense and fused are told apart, and where sharding is handled.
+
+Modules, each with one job: :mod:`._loop` (the loops over chunks, their
+``custom_vjp``s and the default chunk), :mod:`._chunk` (one chunk's logits,
+core and gradients) and :mod:`._mesh` (mesh-variance bookkeeping inside
+``shard_map``).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+
+from .._logits import LinearLogits
+from . import _loop
+from ._chunk import Rule
+from ._loop import default_chunk_size
+
+__all__ = ["Rule", "default_chunk_size", "run"]
+
+
+def _split(options: dict):
+    """Static options (hashable: part of the plan) and traced ones (arrays: arguments)."""
+    static = {k: v for k, v in options.items() if not isinstance(v, jax.Array)}
+    arrays = {k: v for k, v in options.items() if isinstance(v, jax.Array)}
+    return static, arrays
+
+
+def run(
+    core,
+    logits: tuple,
+    rows: Any,
+    counted: jax.Array,
+    *,
+    mode: str,
+    options: dict,
+    trainable: tuple[bool, ...] | None = None,
+    names: tuple[str, ...] | None = None,
+):
+    """Evaluate ``core`` over the positions of ``logits``: per position, or summed.
+
+    Args:
+      core: ``core(logits, rows, counted, **options)``, a module-level
+        function (or a :class:`Rule`) of validated inputs: ``logits`` a
+        tuple of arrays ``[*P, V]`` with the positions ``P`` of ``counted``
+        (``[C, V]`` chunks when fused), ``rows`` and ``counted`` sliced alike.
+        Positions outside ``counted`` must give 0 with zero gradient. It
+        returns per-position outputs; with ``mode="sum"``, a pair
+        ``(loss, aux)`` whose ``aux`` does not depend on the logits.
+      logits: the members, each a dense array ``[*P, V]`` or a
+        :class:`LinearLogits` whose ``hidden`` has the positions ``P``.
+      rows: a pytree of arrays with leading axes ``P`` (targets, weights,
+        arguments; None leaves allowed); never differentiated on the fused path.
+      counted: bool ``[*P]``.
+      mode: ``"positions"`` (outputs ``[*P, ...]``) or ``"sum"``
+        (``(Σ loss, Σ aux)`` over the positions).
+      options: the core's keyword options. Python values are static; arrays
+        (traced coefficients, ``[V]`` class weights) are passed as
+        arguments, and on the fused path no gradient flows to them.
+      trainable: per member, whether it gets gradients (a teacher does not;
+        default all).
+      names: per member, what errors call it (default ``"logits"``).
+
+    Returns:
+      As ``mode`` says.
+    """
+    if mode not in ("positions", "sum"):
+        raise ValueError(f"mode must be 'positions' or 'sum', got {mode!r}")
+    trainable = tuple(trainable or (True,) * len(logits))
+    fused = [isinstance(x, LinearLogits) for x in logits]
+    if not any(fused):
+        logits = tuple(
+            x if train else jax.lax.stop_gradient(x)
+            for x, train in zip(logits, trainable, strict=True)
+        )
+        out = core(logits, rows, counted, **options)
+        return _loop.sums(out, counted.ndim) if mode == "sum" else out
+    for x, lin, train, name in zip(logits, fused, trainable, names or ("logits",) * len(logits),
+                                   strict=True):
+        if train and not lin:
+            raise ValueError(
+                f"{name} is a dense array of shape {tuple(x.shape)} in a call with LinearLogits: "
+                f"the fused path differentiates LinearLogits only; pass the {name} as "
+                "LinearLogits too"
+            )
+    return _fused(core, logits, rows, counted, mode, options, trainable)
+
+
+def _fused(core, logits, rows, counted, mode, options, trainable):
+    """:func:`run` for members that include a :class:`LinearLogits`: chunks of flat positions."""
+    positions = counted.shape
+    n = math.prod(positions)
+    flat = lambda x: x.reshape((n,) + x.shape[len(positions):])
+    members = tuple(
+        (flat(x.hidden), x.kernel, x.bias) if isinstance(x, LinearLogits)
+        else jax.lax.stop_gradient(flat(jnp.asarray(x)))
+        for x in logits
+    )
+    rows, counted = jax.tree.map(flat, rows), flat(counted)
+    static, arrays = _split(options)
+    arrays = jax.lax.stop_gradient(arrays)
+    if n == 0:
+        # Nothing to chunk: the core on the (empty) materialised logits.
+        dense = tuple(
+            jnp.dot(m[0], m[1], preferred_element_type=x.dtype)
+            + (0 if m[2] is None else m[2].astype(x.dtype))
+            if isinstance(x, LinearLogits) else m
+            for x, m in zip(logits, members, strict=True)
+        )
+        out = core(dense, rows, counted, **options)
+        return _loop.sums(out) if mode == "sum" else _unflatten(out, positions)
+    chunks = [x.chunk_size for x in logits if isinstance(x, LinearLogits)]
+    plan = _loop.plan_for(core, members, counted, static, trainable, chunks)
+    if mode == "sum":
+        return _loop.summed(plan, members, rows, counted, arrays)
+    return _unflatten(_loop.positions(plan, members, rows, counted, arrays), positions)
+
+
+def _unflatten(out, positions):
+    return jax.tree.map(lambda x: x.reshape(positions + x.shape[1:]), out)

@@ -1,0 +1,125 @@
+"""``LinearLogits``: the logits ``hidden @ kernel + bias``, never materialised.
+
+The ground floor of the fused path: every token-level function accepts it in
+place of logits, and the engine (``jxent._engine``) is the one place that
+tells it from a dense array and runs it in chunks.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+from ._checks import float_dtype
+from ._options import chunk_size as parse_chunk_size
+
+__all__ = ["LinearLogits"]
+
+
+@jax.tree_util.register_pytree_node_class
+class LinearLogits:
+    """The logits ``hidden @ kernel + bias``, never materialised.
+
+    Pass it wherever a token-level function takes ``logits`` with the class
+    axis last: ``softmax_cross_entropy`` (integer targets), ``sequence_nll``,
+    ``nll_stats``, ``token_stats``, ``token_objective`` and either argument
+    of ``distillation_loss``. Values and gradients (for ``hidden``, ``kernel``
+    and ``bias``) equal those of the same call on the materialised
+    ``hidden @ kernel + bias``; memory is one chunk of positions × ``V``.
+
+    Args:
+      hidden: ``[..., D]`` hidden states, any float dtype; the leading axes are
+        the positions (``[..., T]`` for the sequence functions).
+      kernel: ``[D, V]``, the Flax ``nnx.Linear``/``nn.Dense`` layout. A tied
+        embedding table ``[V, D]`` (or a PyTorch ``nn.Linear`` weight) is
+        passed as ``emb.T`` (XLA:CPU then makes one transposed copy of the
+        table per call, outside the loop).
+      bias: ``[V]`` or ``None``.
+      chunk_size: positions per chunk (static); ``None`` takes the engine's
+        default for the backend and sizes (``jxent._engine.default_chunk_size``,
+        where the rule and its measurements live). It changes speed and memory,
+        not the result (beyond float rounding).
+
+    Inside ``shard_map`` with ``vocab_axis_name``, ``kernel`` and ``bias`` are
+    this device's shard of the classes (``V / shards`` consecutive classes).
+
+    Forward-mode differentiation is not available through it: the fused
+    functions are a ``jax.custom_vjp``.
+
+    Examples:
+      >>> import jax, jax.numpy as jnp, jxent
+      >>> hidden = jax.random.normal(jax.random.key(0), (6, 4))
+      >>> kernel = jax.random.normal(jax.random.key(1), (4, 10))
+      >>> targets = jnp.array([1, 2, 3, -100, 5, 9])
+      >>> fused = jxent.softmax_cross_entropy(jxent.LinearLogits(hidden, kernel), targets)
+      >>> bool(jnp.allclose(fused, jxent.softmax_cross_entropy(hidden @ kernel, targets)))
+      True
+    """
+
+    def __init__(self, hidden, kernel, bias=None, *, chunk_size: int | None = None):
+        hidden, kernel = jnp.asarray(hidden), jnp.asarray(kernel)
+        for name, x in (("hidden", hidden), ("kernel", kernel)):
+            if not jnp.issubdtype(x.dtype, jnp.floating):
+                raise TypeError(f"{name} must be a floating-point array, got dtype {x.dtype}")
+        if hidden.ndim == 0:
+            raise ValueError("hidden is a scalar; expected [..., D] hidden states")
+        if kernel.ndim != 2 or kernel.shape[0] != hidden.shape[-1]:
+            raise ValueError(
+                f"kernel has shape {kernel.shape} but hidden {hidden.shape} expects "
+                f"({hidden.shape[-1]}, V): the [D, V] Dense layout (pass a tied "
+                "embedding table [V, D] as emb.T)"
+            )
+        if kernel.shape[1] == 0:
+            raise ValueError(f"kernel has shape {kernel.shape}: 0 classes")
+        if bias is not None:
+            bias = jnp.asarray(bias)
+            if not jnp.issubdtype(bias.dtype, jnp.floating):
+                raise TypeError(f"bias must be a floating-point array, got dtype {bias.dtype}")
+            if bias.shape != (kernel.shape[1],):
+                raise ValueError(
+                    f"bias has shape {bias.shape} but kernel {kernel.shape} has "
+                    f"{kernel.shape[1]} classes; expected ({kernel.shape[1]},)"
+                )
+        chunk_size = parse_chunk_size(chunk_size)
+        self.hidden, self.kernel, self.bias, self.chunk_size = hidden, kernel, bias, chunk_size
+
+    def tree_flatten(self):
+        return (self.hidden, self.kernel, self.bias), self.chunk_size
+
+    @classmethod
+    def tree_unflatten(cls, chunk_size, children):
+        # No validation: JAX rebuilds pytrees with placeholders (tracers, None, objects).
+        out = object.__new__(cls)
+        out.hidden, out.kernel, out.bias = children
+        out.chunk_size = chunk_size
+        return out
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        """The shape of the logits it stands for: ``hidden.shape[:-1] + (V,)``."""
+        return tuple(self.hidden.shape[:-1]) + (self.kernel.shape[1],)
+
+    @property
+    def ndim(self) -> int:
+        return len(self.shape)
+
+    @property
+    def dtype(self):
+        """The dtype the logits are computed in (float32, or float64 under x64)."""
+        return float_dtype(self.hidden.dtype, self.kernel.dtype)
+
+    def positions(self, index) -> LinearLogits:
+        """The same head on a subset of positions: ``index`` indexes ``hidden.shape[:-1]``.
+
+        ``logits.positions((..., slice(None, -1)))`` stands for ``logits[..., :-1, :]``.
+        """
+        index = index if isinstance(index, tuple) else (index,)
+        hidden = self.hidden[index + (slice(None),)]
+        return LinearLogits(hidden, self.kernel, self.bias, chunk_size=self.chunk_size)
+
+    def __repr__(self) -> str:
+        bias = "None" if self.bias is None else f"{tuple(self.bias.shape)}"
+        return (
+            f"LinearLogits(hidden={tuple(self.hidden.shape)}, kernel={tuple(self.kernel.shape)}, "
+            f"bias={bias}, chunk_size={self.chunk_size})"
+        )

@@ -1,0 +1,268 @@
+"""Every option parser: the first of the four steps of each public function.
+
+Options are the arguments that are not arrays: reductions, coefficients,
+indices, the shift. Each is validated here, once, for the dense and the fused
+path alike. Most must be static Python values (they decide the program's
+structure); a few coefficients (``label_smoothing``, ``z_loss``,
+``temperature``, ``beta``, ``hard_weight``) may also be traced scalars, so a
+schedule under ``jit`` does not recompile. Concrete values come back as Python
+floats, so the common path stays static and specialised; traced ones come back
+as float arrays, and the engine passes them to its cores as arguments.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from ._checks import float_dtype
+
+REDUCTIONS = ("mean", "sum", "none")
+NORMALIZATIONS = ("tokens", "sequences", "sum", "none")
+DIVERGENCES = ("kl", "reverse_kl", "jsd")
+
+
+def check_option(value: Any, name: str, valid: Sequence[str], hint: dict | None = None) -> str:
+    """``value`` if it is one of ``valid``; else a ``ValueError`` listing them (and a hint)."""
+    if value not in valid:
+        suggestion = (hint or {}).get(value) if isinstance(value, str) else None
+        tip = f"; did you mean {suggestion!r}?" if suggestion else ""
+        raise ValueError(
+            f"{name} must be one of {', '.join(repr(v) for v in valid)}; got {value!r}{tip}"
+        )
+    return value
+
+
+def parse_reduction(reduction: Any) -> str:
+    return check_option(reduction, "reduction", REDUCTIONS)
+
+
+def parse_normalize(normalize: Any) -> str:
+    # softmax_cross_entropy's "mean" is sequence_nll's "tokens" (the global token mean).
+    return check_option(normalize, "normalize", NORMALIZATIONS, hint={"mean": "tokens"})
+
+
+# --------------------------------------------------------------------------- numbers
+
+
+def check_base(base: Any) -> float | None:
+    """Validate a logarithm base; return ``ln(base)`` (``None`` means nats)."""
+    if base is None:
+        return None
+    if isinstance(base, bool) or not isinstance(base, (int, float, np.integer, np.floating)):
+        raise TypeError(
+            f"base must be None (nats) or a positive number != 1 given as a Python "
+            f"value, got {base!r} of type {type(base).__name__}"
+        )
+    base = float(base)
+    if not (base > 0) or base == 1 or math.isinf(base):
+        raise ValueError(
+            f"base must be None (nats), 2 (bits) or another finite number b > 0 with "
+            f"b != 1, got {base!r}"
+        )
+    return math.log(base)
+
+
+def to_base(value: jax.Array, log_base: float | None) -> jax.Array:
+    return value if log_base is None else value / log_base
+
+
+def static_float(value: Any, name: str, expected: str) -> float:
+    """``value`` as a Python float: options are static, never traced."""
+    if isinstance(value, jax.core.Tracer):
+        raise TypeError(f"{name} must be a static Python float ({expected}), got a traced value")
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        raise TypeError(f"{name} must be {expected}, got {value!r}") from None
+
+
+def float_or_traced(value: Any, name: str, expected: str):
+    """A Python float, or a traced real scalar (a schedule under ``jit``).
+
+    Concrete values (Python numbers, NumPy scalars, concrete 0-d arrays) come
+    back as Python floats; a tracer comes back as a float32/float64 scalar
+    array, and its range can only be checked when it is concrete.
+    """
+    if isinstance(value, jax.core.Tracer):
+        if value.shape != () or not (
+            jnp.issubdtype(value.dtype, jnp.floating) or jnp.issubdtype(value.dtype, jnp.integer)
+        ):
+            raise TypeError(
+                f"{name} must be {expected}: a Python float or a real scalar, got a traced "
+                f"array of shape {value.shape} and dtype {value.dtype}"
+            )
+        return value.astype(float_dtype(value.dtype))
+    return static_float(value, name, expected)
+
+
+def float_option(value: Any, name: str, expected: str, ok, wanted: str | None = None) -> Any:
+    """A Python float checked with ``ok``, or a traced real scalar (range unchecked).
+
+    ``expected`` names the type in a ``TypeError``; ``wanted`` (default the
+    same) the range in a ``ValueError``.
+    """
+    v = float_or_traced(value, name, expected)
+    if isinstance(v, float) and not ok(v):
+        raise ValueError(f"{name} must be {wanted or expected}, got {value!r}")
+    return v
+
+
+def is_static(value: Any, number: float) -> bool:
+    """True for a Python float equal to ``number`` (a traced value may be anything)."""
+    return isinstance(value, float) and value == number
+
+
+def fraction(value: Any, name: str):
+    """A float in ``[0, 1]``, or a traced scalar."""
+    return float_option(value, name, "a float in [0, 1]", lambda v: 0.0 <= v <= 1.0, "in [0, 1]")
+
+
+def nonnegative_float(value: Any, name: str):
+    """A finite float ``>= 0``, or a traced scalar."""
+    return float_option(
+        value, name, "a non-negative float", lambda v: 0.0 <= v < math.inf, "a finite float >= 0"
+    )
+
+
+def softcap(value: Any) -> float | None:
+    if value is None:
+        return None
+    v = static_float(value, "logit_softcap", "None or a float > 0")
+    if not (v > 0.0) or math.isinf(v):
+        raise ValueError(f"logit_softcap must be None or a finite float > 0, got {value!r}")
+    return v
+
+
+def temperature(value: Any) -> Any:
+    """``temperature`` as a finite Python float > 0, or a traced scalar."""
+    return float_option(value, "temperature", "a finite float > 0", lambda v: 0 < v < math.inf)
+
+
+def static_int(value: Any, name: str, *, allow_none: bool = True) -> int | None:
+    """An integer option (``ignore_index``, ``chunk_size``) as a Python int.
+
+    NumPy integer scalars and concrete 0-d integer arrays are accepted like
+    Python ints. A traced value cannot decide the program's structure: the
+    error says how to make it static.
+    """
+    if value is None and allow_none:
+        return None
+    what = "an int or None" if allow_none else "an int"
+    if isinstance(value, jax.core.Tracer):
+        raise TypeError(
+            f"{name} must be a static Python int, got a traced value ({value.aval}): under "
+            f"jax.jit mark it static, jax.jit(f, static_argnames=({name!r},)), or close over "
+            "a Python int instead of passing it as a jitted argument"
+        )
+    if isinstance(value, (bool, np.bool_)):
+        raise TypeError(f"{name} must be {what}, got {value!r}")
+    if isinstance(value, (int, np.integer)):
+        return int(value)
+    if isinstance(value, (np.ndarray, jax.Array)) and value.shape == () and jnp.issubdtype(
+        value.dtype, jnp.integer
+    ):
+        return int(value)
+    raise TypeError(f"{name} must be {what}, got {value!r}")
+
+
+def chunk_size(value: Any) -> int | None:
+    value = static_int(value, "chunk_size")
+    if value is not None and value < 1:
+        raise ValueError(f"chunk_size must be None or a positive int, got {value!r}")
+    return value
+
+
+# --------------------------------------------------------------------------- shift
+
+
+class _Required:
+    """The default of ``shift``: there is none, and leaving it out says what to pass."""
+
+    def __repr__(self) -> str:
+        return "<required>"
+
+
+REQUIRED = _Required()
+
+
+def shift(value: Any, function: str) -> int:
+    """``shift`` as an int ``k >= 0`` (``True`` = 1, ``False`` = 0); it must be given.
+
+    A default would silently shift logits that the caller has already sliced.
+    """
+    if value is REQUIRED:
+        raise TypeError(
+            f"{function}() needs shift: pass shift=True for causal LM logits (logits[..., t, :] "
+            "predicts tokens[..., t + 1]) or shift=False for logits already aligned with "
+            "their targets (e.g. after logits[:, :-1] and tokens[:, 1:]); an int k >= 2 "
+            "scores the k-th next token (multi-token prediction)"
+        )
+    if isinstance(value, jax.core.Tracer):
+        raise TypeError(
+            f"shift must be a static Python bool or int, got a traced value: under jax.jit "
+            f"mark it static, jax.jit({function}, static_argnames=('shift',)), or pass it "
+            "from a closure"
+        )
+    if isinstance(value, (bool, np.bool_)):
+        return int(bool(value))
+    if isinstance(value, (int, np.integer)) and value >= 0:
+        return int(value)
+    raise TypeError(f"shift must be True, False or an int k >= 0, got {value!r}")
+
+
+# --------------------------------------------------------------------------- groups
+
+
+def loss_options(*, ignore_index, label_smoothing, z_loss, logit_softcap) -> dict:
+    """The options of every cross-entropy (dense and fused), validated once."""
+    return dict(
+        ignore_index=static_int(ignore_index, "ignore_index"),
+        label_smoothing=fraction(label_smoothing, "label_smoothing"),
+        z_loss=nonnegative_float(z_loss, "z_loss"),
+        logit_softcap=softcap(logit_softcap),
+    )
+
+
+class DistillationOptions(NamedTuple):
+    """Validated options of ``distillation_loss``; the floats may be traced scalars."""
+
+    divergence: str
+    beta: Any
+    temperature: Any
+    hard_weight: Any
+
+
+def distillation_options(
+    divergence: Any, beta: Any, temperature_: Any, hard_weight: Any, has_targets: bool
+) -> DistillationOptions:
+    """Validate the options of ``distillation_loss`` once, for the dense and fused paths.
+
+    ``"jsd"`` is ``β·KL(t‖m) + (1 − β)·KL(s‖m)`` with ``m = β·t + (1 − β)·s``:
+    as ``β → 0`` it tends to ``β·KL(t‖s)`` (forward, ``"kl"``) and as
+    ``β → 1`` to ``(1 − β)·KL(s‖t)`` (reverse, ``"reverse_kl"``).
+    """
+    check_option(divergence, "divergence", DIVERGENCES)
+    if divergence == "jsd":
+        beta = float_option(
+            beta,
+            "beta",
+            'a float in the open interval (0, 1) for divergence="jsd" (beta -> 0 tends to '
+            'beta * "kl", the forward KL(t||s), and beta -> 1 to (1 - beta) * "reverse_kl", '
+            "KL(s||t); pass those divergences instead)",
+            lambda v: 0 < v < 1,
+        )
+    hard_weight = float_option(
+        hard_weight, "hard_weight", "a float in [0, 1]", lambda v: 0 <= v <= 1
+    )
+    if not has_targets and not is_static(hard_weight, 0.0):
+        raise ValueError(
+            f"hard_weight={hard_weight!r} weights a cross-entropy on targets, but targets is "
+            "None; pass targets= (integer token ids of the positions' shape) or hard_weight=0"
+        )
+    return DistillationOptions(divergence, beta, temperature(temperature_), hard_weight)

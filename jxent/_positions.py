@@ -1,0 +1,388 @@
+"""Preparing the positions: the second of the four steps of each public function.
+
+Here, once per call, targets are lined up with the positions that predict
+them: ``shift``, masks (``where``, ``ignore_index``, ``segment_ids``), token
+weights, range checks and every shape error. The result is a
+:class:`Positions` record whose arrays all have the logits' positions shape
+(``logits.shape[:-1]``, or without ``axis``); the cores downstream hold math
+only and never check anything.
+
+A shift of ``k`` moves the *targets*, not the logits: position ``t`` is scored
+against ``tokens[..., t + k]`` and the last ``k`` positions are not counted.
+The logits (dense or :class:`~jxent.LinearLogits`) are never sliced or copied,
+and per-position outputs are trimmed to ``[..., T − k]`` at the end.
+"""
+
+from __future__ import annotations
+
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from ._checks import (
+    as_integer_ids,
+    boolean_mask,
+    check_axis,
+    float_dtype,
+    float_logits,
+    is_concrete,
+)
+from ._logits import LinearLogits
+from ._options import static_int
+from ._vocab import ClassOps
+
+
+class Positions(NamedTuple):
+    """Targets and masks aligned with the logits' positions ``P`` (no checks left to do).
+
+    Attributes:
+      targets: int32 ``[P]``: the class id where counted and in range,
+        ``num_classes`` where counted and out of range (the cores give NaN),
+        0 elsewhere; or floating probability targets ``[P..., V]``; or None.
+      counted: bool ``[P]``.
+      weights: float ``[P]`` per-token weights, 0 where not counted; or None.
+      segments: int ``[P]`` the document id of each predicting position; or None.
+      length: per-position outputs keep ``[..., :length]`` of the last
+        position axis (``T − k`` for a shift of ``k``); None keeps all.
+    """
+
+    targets: Any
+    counted: jax.Array
+    weights: jax.Array | None = None
+    segments: jax.Array | None = None
+    length: int | None = None
+
+    def trim(self, out):
+        """Per-position outputs (a pytree of ``[P]`` arrays) cut to the predicted positions."""
+        if self.length is None:
+            return out
+        return jax.tree.map(lambda x: x[..., : self.length], out)
+
+    def untrim(self, x: jax.Array) -> jax.Array:
+        """An array of the predicted positions ``[..., T − k]`` padded with 0 to ``[..., T]``."""
+        full = self.counted.shape[-1]
+        if self.length is None or x.shape[-1] == full:
+            return x
+        return jnp.pad(x, [(0, 0)] * (x.ndim - 1) + [(0, full - x.shape[-1])])
+
+
+def as_logits(logits: Any, name: str = "logits"):
+    """A :class:`LinearLogits` as it is, anything else as a floating array with a class axis."""
+    return logits if isinstance(logits, LinearLogits) else float_logits(logits, name)
+
+
+# --------------------------------------------------------------------------- checks
+
+
+def _mask(where: Any, shape: tuple[int, ...], marks: str) -> jax.Array | None:
+    """A boolean mask of exactly ``shape`` (a loss mask marks whole positions)."""
+    if where is None:
+        return None
+    where = boolean_mask(where)
+    if where.shape != tuple(shape):
+        raise ValueError(f"where has shape {where.shape} but {marks.format(tuple(shape))}")
+    return where
+
+
+def class_weights(weights: Any, logits, axis: int, sharded: bool) -> jax.Array | None:
+    """``class_weights`` as a ``[V]`` real array (this shard's ``[V / k]`` when sharded)."""
+    if weights is None:
+        return None
+    num_local = logits.shape[axis]
+    of = "kernel" if isinstance(logits, LinearLogits) else "logits"
+    w = jnp.asarray(weights)
+    if not (jnp.issubdtype(w.dtype, jnp.floating) or jnp.issubdtype(w.dtype, jnp.integer)):
+        raise TypeError(f"class_weights must be a real array, got dtype {w.dtype}")
+    what = f"this shard of {of}" if sharded else of
+    if w.shape != (num_local,):
+        raise ValueError(
+            f"class_weights has shape {w.shape} but {what} has {num_local} classes; "
+            f"expected ({num_local},)"
+        )
+    return w
+
+
+def _integer_ids(ids: Any, name: str, function: str | None = None) -> jax.Array:
+    ids = as_integer_ids(ids, name)
+    if not jnp.issubdtype(ids.dtype, jnp.integer):
+        where = f"{function}: " if function else ""
+        raise TypeError(
+            f"{where}{name} must be integer token ids, got dtype {ids.dtype} with shape "
+            f"{ids.shape}; convert them with {name}.astype(jnp.int32)"
+        )
+    return ids
+
+
+def _class_index(targets, counted, num_classes: int, ignore_index, check: bool, name: str):
+    """``(index, counted)``: ids turned into a gather index, ``ignore_index`` into the mask.
+
+    Comparisons run in the targets' own dtype (no wrap-around of large or
+    negative values). Out-of-range counted ids raise ``ValueError`` when
+    ``check`` and the values are concrete; otherwise their index is
+    ``num_classes`` (one past the end: a gather in ``"fill"`` mode gives NaN
+    and ``checkify`` flags it), never a wrapped class.
+    """
+    info = jnp.iinfo(targets.dtype)
+    if ignore_index is not None and info.min <= ignore_index <= info.max:
+        counted = counted & (targets != jnp.asarray(ignore_index, targets.dtype))
+    in_range = targets >= 0 if info.min < 0 else jnp.ones(targets.shape, bool)
+    if num_classes <= info.max:
+        in_range = in_range & (targets < jnp.asarray(num_classes, targets.dtype))
+    if check and is_concrete(targets, counted):
+        bad = np.asarray(counted) & ~np.asarray(in_range)
+        if bad.any():
+            values = np.asarray(targets)[bad]
+            hint = "" if ignore_index is None else f" or ignore_index={ignore_index}"
+            raise ValueError(
+                f"{name} must be class indices in [0, {num_classes}){hint}; got "
+                f"{int(values.ravel()[0])} at position "
+                f"{tuple(int(i) for i in np.argwhere(bad)[0])} ({int(bad.sum())} "
+                "out-of-range target(s) in all)"
+            )
+    index = jnp.where(in_range, targets, 0).astype(jnp.int32)
+    index = jnp.where(in_range, index, jnp.int32(num_classes))
+    return jnp.where(counted, index, 0), counted
+
+
+def _num_classes(num_local: int, vocab_axis_name) -> int:
+    return ClassOps(-1, vocab_axis_name, num_local).num_classes
+
+
+# --------------------------------------------------------------------------- targets
+
+
+def _target_shape_error(targets, shape, axis: int, given_axis: int, positions) -> Exception:
+    """The most useful message for targets whose shape or dtype does not fit the logits."""
+    ndim = len(shape)
+    integer = jnp.issubdtype(targets.dtype, jnp.integer)
+    if integer and targets.shape == shape:
+        return ValueError(
+            f"targets is an integer array ({targets.dtype}) with the logits' shape {shape}: "
+            "probabilities (e.g. one-hot) need a floating dtype (targets.astype(jnp.float32)); "
+            f"class ids have shape {positions} (jnp.argmax(targets, axis={given_axis}))"
+        )
+    if integer and ndim >= 3 and axis == ndim - 1:
+        if targets.shape == shape[:1] + shape[2:]:
+            return ValueError(
+                f"targets has shape {targets.shape} and logits {shape}: this is PyTorch's "
+                "[N, C, d1, ...] layout with the classes on axis 1; pass axis=1 (with "
+                f"axis={given_axis} the targets would need shape {positions})"
+            )
+    if not integer and targets.shape == positions:
+        return TypeError(
+            f"targets has floating dtype {targets.dtype} and shape {targets.shape}, the shape "
+            "of class ids: class ids must be integers (targets.astype(jnp.int32)); "
+            f"probability targets would have the logits' shape {shape}"
+        )
+    if integer:
+        return ValueError(
+            f"targets has shape {targets.shape} but logits {shape} with axis={given_axis} "
+            f"expects {positions} (integer class indices), or {shape} (probabilities, "
+            "floating dtype)"
+        )
+    return ValueError(
+        f"targets has shape {targets.shape} but probability targets must have the logits' "
+        f"shape {shape}; integer class indices would have shape {positions}"
+    )
+
+
+def class_targets(logits, targets, *, axis, where, ignore_index, vocab_axis_name):
+    """``softmax_cross_entropy``'s positions: ``(axis, Positions)`` for class targets.
+
+    ``axis`` comes back non-negative. Integer targets give a gather index;
+    floating targets (dense logits only) come back as the probabilities in
+    the computation's dtype.
+    """
+    ignore_index = static_int(ignore_index, "ignore_index")
+    targets = as_integer_ids(targets, "targets")
+    shape = tuple(logits.shape)
+    if isinstance(logits, LinearLogits):
+        if axis not in (-1, logits.ndim - 1):
+            raise ValueError(
+                "LinearLogits has its classes on the last axis; axis must be -1, "
+                f"got axis={axis}"
+            )
+        if not jnp.issubdtype(targets.dtype, jnp.integer):
+            raise TypeError(
+                f"targets must be integer class ids with LinearLogits, got dtype "
+                f"{targets.dtype}; probability targets would be the [tokens, vocab] array "
+                "that LinearLogits avoids"
+            )
+        if targets.shape != shape[:-1]:
+            raise ValueError(
+                f"targets has shape {targets.shape} but LinearLogits with hidden "
+                f"{tuple(logits.hidden.shape)} expects {shape[:-1]} (hidden.shape[:-1])"
+            )
+    given = axis
+    axis = check_axis(axis, len(shape))
+    if shape[axis] == 0:
+        raise ValueError(
+            f"logits has shape {shape}: 0 classes along axis={given}; a distribution "
+            "needs at least one class"
+        )
+    positions = shape[:axis] + shape[axis + 1 :]
+    mask = _mask(
+        where, positions, "the targets' positions have shape {}; a loss mask marks whole positions"
+    )
+    if jnp.issubdtype(targets.dtype, jnp.integer):
+        if targets.shape != positions:
+            raise _target_shape_error(targets, shape, axis, given, positions)
+        counted = jnp.ones(positions, bool) if mask is None else mask
+        index, counted = _class_index(
+            targets, counted, _num_classes(shape[axis], vocab_axis_name), ignore_index,
+            vocab_axis_name is None, "targets",
+        )
+        return axis, Positions(index, counted)
+    if not jnp.issubdtype(targets.dtype, jnp.floating):
+        raise TypeError(
+            "targets must be integer class indices or floating probabilities, got dtype "
+            f"{targets.dtype}"
+        )
+    if ignore_index not in (None, -100):
+        raise ValueError(
+            f"ignore_index={ignore_index} cannot be used with probability targets "
+            f"(floating dtype {targets.dtype}); use where= to mask positions"
+        )
+    if targets.shape != shape:
+        raise _target_shape_error(targets, shape, axis, given, positions)
+    counted = jnp.ones(positions, bool) if mask is None else mask
+    return axis, Positions(targets.astype(float_dtype(logits.dtype, targets.dtype)), counted)
+
+
+# --------------------------------------------------------------------------- tokens
+
+
+def _shifted(x, k: int, fill):
+    """``x[..., t + k]`` at ``t``, and ``fill`` at the last ``k`` positions."""
+    if k == 0:
+        return x
+    pad = [(0, 0)] * (x.ndim - 1) + [(0, min(k, x.shape[-1]))]
+    return jnp.pad(x[..., k:], pad, constant_values=fill)  # keeps x's sharding
+
+
+def _position_array(x, shape, name: str, kind: str, function: str):
+    if x is None:
+        return None
+    x = as_integer_ids(x, name) if kind == "integer" else jnp.asarray(x)
+    ok = jnp.issubdtype(x.dtype, jnp.integer if kind == "integer" else jnp.floating)
+    if not ok:
+        raise TypeError(f"{function}: {name} must be {kind} [..., T], got dtype {x.dtype}")
+    if x.shape != tuple(shape):
+        raise ValueError(
+            f"{name} has shape {x.shape} but tokens has shape {tuple(shape)}; {name} "
+            "marks token positions [..., T]"
+        )
+    return x
+
+
+def token_targets(
+    logits,
+    tokens,
+    *,
+    shift: int,
+    where,
+    ignore_index,
+    function: str,
+    vocab_axis_name=None,
+    segment_ids=None,
+    weights=None,
+    name: str = "tokens",
+    sequence: bool = True,
+) -> Positions:
+    """The sequence functions' positions: ``logits [..., T, V]`` scored against ``tokens [..., T]``.
+
+    With a shift of ``k``, position ``t`` predicts ``tokens[..., t + k]`` and
+    is counted when ``where`` and ``ignore_index`` count that target and,
+    with ``segment_ids``, when ``segment_ids[t] == segment_ids[t + k]`` (no
+    position predicts across a document boundary). ``where`` and ``weights``
+    are aligned with ``tokens`` and move with them. ``tokens=None``
+    (distillation without hard targets) counts every position ``where``
+    allows. ``sequence=False`` accepts logits ``[..., V]`` with any number of
+    position axes (none included) when there is no shift.
+    """
+    ignore_index = static_int(ignore_index, "ignore_index")
+    shape = tuple(logits.shape)
+    if len(shape) < 2 and (sequence or shift):
+        raise ValueError(
+            f"logits must have shape [..., T, V] (at least 2 dimensions), got {shape}"
+        )
+    positions = shape[:-1]
+    if tokens is not None:
+        tokens = _integer_ids(tokens, name, function)
+        if tokens.shape != positions:
+            raise ValueError(
+                f"{name} has shape {tokens.shape} but logits {shape} expects {positions} "
+                "([..., T] for logits [..., T, V])"
+            )
+    mask = _mask(
+        where, positions, "tokens has shape {}; the loss mask marks token positions [..., T]"
+    )
+    segment_ids = _position_array(segment_ids, positions, "segment_ids", "integer", function)
+    weights = _position_array(weights, positions, "weights", "floating", function)
+    if weights is not None and is_concrete(weights):
+        w = np.asarray(weights)
+        if w.size and not (np.isfinite(w) & (w >= 0)).all():
+            raise ValueError(
+                f"weights must be finite and >= 0, got {w[~(np.isfinite(w) & (w >= 0))][0]!r}"
+            )
+    counted = jnp.ones(positions, bool)
+    length = None
+    if shift:
+        length = max(positions[-1] - shift, 0)
+        counted = jnp.broadcast_to(jnp.arange(positions[-1]) < length, positions)
+    if mask is not None:
+        counted = counted & _shifted(mask, shift, False)
+    if segment_ids is not None:
+        counted = counted & (_shifted(segment_ids, shift, 0) == segment_ids)
+    index = None
+    if tokens is not None:
+        index, counted = _class_index(
+            _shifted(tokens, shift, 0), counted, _num_classes(shape[-1], vocab_axis_name),
+            ignore_index, vocab_axis_name is None, name,
+        )
+    if weights is not None:
+        dtype = float_dtype(logits.dtype, weights.dtype)
+        weights = jnp.where(counted, _shifted(weights, shift, 0).astype(dtype), 0)
+    return Positions(index, counted, weights, segment_ids, length)
+
+
+def position_args(args: tuple, positions: Positions, shift: int):
+    """``token_objective``'s ``args`` broadcast to the predicted positions.
+
+    Each argument is aligned with the predicted positions, the shape
+    ``token_stats`` returns (``[..., T − k]``): it has that rank, with
+    size-1 axes broadcasting (``[B, 1]`` per sequence, ``[1, T − k]`` per
+    position), or is a scalar.
+    """
+    shape = tuple(positions.counted.shape)
+    trimmed = shape[:-1] + (positions.length,) if positions.length is not None else shape
+    out = []
+    for k, a in enumerate(args):
+        a = jax.lax.stop_gradient(jnp.asarray(a))
+        if a.ndim and (a.ndim != len(trimmed) or not _broadcasts(a.shape, trimmed)):
+            if shift and a.shape == shape:
+                hint = (
+                    f": that is the tokens' shape, but with shift={shift} args are aligned "
+                    f"with the predicted positions (what token_stats returns); pass "
+                    f"args[{k}][..., {shift}:] for values that belong to the target tokens, "
+                    f"or args[{k}][..., :-{shift}] for values of the predicting positions"
+                )
+            elif a.ndim != len(trimmed):
+                hint = (
+                    f": give it the positions' rank {len(trimmed)} (e.g. a[:, None] for one "
+                    "value per sequence) or pass a scalar"
+                )
+            else:
+                hint = ""
+            raise ValueError(
+                f"args[{k}] has shape {a.shape}, which does not broadcast to the predicted "
+                f"positions {trimmed}{hint}"
+            )
+        out.append(jnp.broadcast_to(a, trimmed))
+    return tuple(out)
+
+
+def _broadcasts(shape, to) -> bool:
+    return all(a in (1, b) for a, b in zip(shape, to, strict=True))
