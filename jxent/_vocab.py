@@ -33,11 +33,20 @@ class ClassOps(NamedTuple):
     num_local: int
 
     @property
+    def name(self):
+        """The mesh axis name(s) for collectives (None: one device)."""
+        return self.axis_name
+
+    def psum(self, x):
+        """The sum of ``x`` over the vocabulary's devices (``x`` itself on one device)."""
+        return x if self.axis_name is None else jax.lax.psum(x, self.axis_name)
+
+    @property
     def shards(self) -> int:
         if self.axis_name is None:
             return 1
         try:
-            return jax.lax.axis_size(self.axis_name)
+            return jax.lax.axis_size(self.name)
         except NameError:
             raise ValueError(
                 f"vocab_axis_name={self.axis_name!r} is not a mesh axis bound here: call "
@@ -52,11 +61,10 @@ class ClassOps(NamedTuple):
     def offset(self):
         if self.axis_name is None:
             return 0
-        return jax.lax.axis_index(self.axis_name) * self.num_local
+        return jax.lax.axis_index(self.name) * self.num_local
 
     def sum(self, x):
-        s = jnp.sum(x, axis=self.axis)
-        return s if self.axis_name is None else jax.lax.psum(s, self.axis_name)
+        return self.psum(jnp.sum(x, axis=self.axis))
 
     def max(self, x, keep):
         """The per-position max over classes (keepdims, no gradient), 0 where not kept.
@@ -67,7 +75,7 @@ class ClassOps(NamedTuple):
         """
         top = jax.lax.stop_gradient(jnp.max(x, axis=self.axis, keepdims=True))
         if self.axis_name is not None:
-            top = jax.lax.pmax(top, self.axis_name)
+            top = jax.lax.pmax(top, self.name)
         return jnp.where(keep & jnp.isfinite(top), top, 0)
 
     def dot(self, x, w, keep, *, matvec: bool = False):
@@ -97,12 +105,11 @@ class ClassOps(NamedTuple):
 
     def sum_classes(self, w):
         """The sum of a ``[classes]`` vector (sharded like the vocabulary)."""
-        s = jnp.sum(w)
-        return s if self.axis_name is None else jax.lax.psum(s, self.axis_name)
+        return self.psum(jnp.sum(w))
 
     def sum_tokens(self, x):
         """Combine a ``[tokens]`` vector of which each shard holds its own part."""
-        return x if self.axis_name is None else jax.lax.psum(x, self.axis_name)
+        return self.psum(x)
 
 
 def _weighted_sum(x, w, axis: int, matvec: bool = False):
@@ -190,7 +197,7 @@ def shifted(logits, keep, temperature, ops: ClassOps, dtype):
     x = logits.astype(dtype)
     raw_top = jax.lax.stop_gradient(jnp.max(x, axis=-1, keepdims=True))
     if ops.axis_name is not None:
-        raw_top = jax.lax.pmax(raw_top, ops.axis_name)
+        raw_top = jax.lax.pmax(raw_top, ops.name)
     top = jnp.where(keep & jnp.isfinite(raw_top), raw_top, 0)
     d = scaled(jnp.where(keep, x, 0) - top, temperature, dtype)
     return x, d, top, raw_top

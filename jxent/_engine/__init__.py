@@ -8,8 +8,15 @@ dense and fused are told apart, and where sharding is handled.
 
 Modules, each with one job: :mod:`._loop` (the loops over chunks, their
 ``custom_vjp``s and the default chunk), :mod:`._chunk` (one chunk's logits,
-core and gradients) and :mod:`._mesh` (mesh-variance bookkeeping inside
-``shard_map``).
+core and gradients), :mod:`._sharding` (arrays placed on a mesh under plain
+``jit``: layouts, and ``shard_map`` for Explicit axes), :mod:`._partition`
+(the fused loops as ``custom_partitioning`` ops for Auto axes) and
+:mod:`._mesh` (mesh-variance bookkeeping inside ``shard_map``).
+
+Sharding: inside ``shard_map`` (``vocab_axis_name``) the arrays are one
+device's block and nothing more is done. Under plain ``jit`` on arrays placed
+with ``NamedSharding``, each device computes its own positions and classes:
+see :mod:`._sharding`.
 """
 
 from __future__ import annotations
@@ -24,6 +31,8 @@ from .._logits import LinearLogits
 from . import _loop
 from ._chunk import Rule
 from ._loop import default_chunk_size
+from ._partition import partitioned_rules
+from ._sharding import mesh_kind, run_explicit
 
 __all__ = ["Rule", "default_chunk_size", "run"]
 
@@ -77,21 +86,31 @@ def run(
         raise ValueError(f"mode must be 'positions' or 'sum', got {mode!r}")
     trainable = tuple(trainable or (True,) * len(logits))
     fused = [isinstance(x, LinearLogits) for x in logits]
-    if not any(fused):
+    for x, lin, train, name in zip(logits, fused, trainable, names or ("logits",) * len(logits),
+                                   strict=True):
+        if any(fused) and train and not lin:
+            raise ValueError(
+                f"{name} is a dense array of shape {tuple(x.shape)} in a call with LinearLogits: "
+                f"the fused path differentiates LinearLogits only; pass the {name} as "
+                "LinearLogits too"
+            )
+    if mesh_kind((logits, rows, counted)) == "explicit":
+        return run_explicit(
+            _local, core, logits, rows, counted, mode=mode, options=options,
+            trainable=trainable, axis=options.get("axis", -1), fused=tuple(fused),
+        )
+    return _local(core, logits, rows, counted, mode=mode, options=options, trainable=trainable)
+
+
+def _local(core, logits, rows, counted, *, mode, options, trainable):
+    """The dispatch on the arrays at hand (all of them, or one device's block)."""
+    if not any(isinstance(x, LinearLogits) for x in logits):
         logits = tuple(
             x if train else jax.lax.stop_gradient(x)
             for x, train in zip(logits, trainable, strict=True)
         )
         out = core(logits, rows, counted, **options)
         return _loop.sums(out, counted.ndim) if mode == "sum" else out
-    for x, lin, train, name in zip(logits, fused, trainable, names or ("logits",) * len(logits),
-                                   strict=True):
-        if train and not lin:
-            raise ValueError(
-                f"{name} is a dense array of shape {tuple(x.shape)} in a call with LinearLogits: "
-                f"the fused path differentiates LinearLogits only; pass the {name} as "
-                "LinearLogits too"
-            )
     return _fused(core, logits, rows, counted, mode, options, trainable)
 
 
@@ -120,9 +139,13 @@ def _fused(core, logits, rows, counted, mode, options, trainable):
         return _loop.sums(out) if mode == "sum" else _unflatten(out, positions)
     chunks = [x.chunk_size for x in logits if isinstance(x, LinearLogits)]
     plan = _loop.plan_for(core, members, counted, static, trainable, chunks)
+    if mesh_kind(members) == "auto":
+        per_position, summed = partitioned_rules(tuple(chunks))
+    else:
+        per_position, summed = _loop.positions, _loop.summed
     if mode == "sum":
-        return _loop.summed(plan, members, rows, counted, arrays)
-    return _unflatten(_loop.positions(plan, members, rows, counted, arrays), positions)
+        return summed(plan, members, rows, counted, arrays)
+    return _unflatten(per_position(plan, members, rows, counted, arrays), positions)
 
 
 def _unflatten(out, positions):

@@ -34,6 +34,7 @@ class Plan(NamedTuple):
     chunk: int
     trainable: tuple
     positions: int
+    ct_scale: float = 1.0  # the share of each output's cotangent this device differentiates
 
     def call(self, logits, rows, counted, arrays, *extra):
         """The core on one chunk, its static options and the traced ones (``arrays``) merged."""
@@ -190,10 +191,11 @@ def _add_grads(plan: Plan, inputs, members, d_logits, grads, start, fresh):
     return tuple(new_grads)
 
 
-def _chunk_cts(ct, start, size, like):
+def _chunk_cts(ct, start, size, like, scale: float):
     """The ``[C]`` slices of the cotangents, each in the dtype and variance of its output."""
+    scaled = (lambda c: c) if scale == 1.0 else (lambda c: c * scale)
     return [
-        make_varying(rows_of(c, start, size).astype(o.dtype), varying_axes(o))
+        make_varying(scaled(rows_of(c, start, size).astype(o.dtype)), varying_axes(o))
         for c, o in zip(ct, like, strict=True)
     ]
 
@@ -223,7 +225,7 @@ def chunk_step(plan: Plan, i, members, rows, counted, arrays, ct=None, grads=Non
     outputs, pull, _ = jax.vjp(core, *trained, has_aux=True)
     leaves, treedef = jax.tree.flatten(outputs)
     floats = [leaf for leaf, f in zip(leaves, float_leaves(outputs), strict=True) if f]
-    float_cts = iter(_chunk_cts(ct, start, plan.chunk, floats))
+    float_cts = iter(_chunk_cts(ct, start, plan.chunk, floats, plan.ct_scale))
     cts = [
         next(float_cts) if f else jnp.zeros(leaf.shape, jax.dtypes.float0)
         for leaf, f in zip(leaves, float_leaves(outputs), strict=True)

@@ -132,7 +132,51 @@ def sums(out, axes: int = 1):
     return jnp.sum(loss, axis=over), jax.tree.map(lambda a: jnp.sum(a, axis=over), aux)
 
 
-def _cotangents(plan: Plan, members, grads, scale=None):
+# --- the work of each custom_vjp rule, on this device's positions and classes -----------
+
+
+def total_ct(plan: Plan, members, rows, counted, arrays):
+    """The cotangents of ``Σ loss`` and zero for the auxiliary outputs (``mode="sum"``)."""
+    loss, aux = jax.eval_shape(lambda: _output_init(plan, members, rows, counted, arrays))
+    return [jnp.ones(loss.shape, loss.dtype)] + [
+        jnp.zeros(s.shape, s.dtype)
+        for s, f in zip(jax.tree.leaves(aux), float_leaves(aux), strict=True)
+        if f
+    ]
+
+
+def work(kind: str, plan: Plan, members, rows, counted, arrays, saved=None, ct=None):
+    """One rule's computation over the positions and classes at hand.
+
+    ``"sums"``: ``(Σ loss, Σ aux)``; ``"sums_grads"``: those and the gradients
+    of ``Σ loss``; ``"forward"``: per-position outputs; ``"forward_saved"``:
+    those and a :class:`Rule`'s saved vectors (None for other cores);
+    ``"backward"``: the gradients of ``Σ ct · outputs``. Sharded callers
+    combine the devices' parts (``jxent._engine._partition``).
+    """
+    if kind == "sums":
+        return sums(forward(plan, members, rows, counted, arrays))
+    if kind == "sums_grads":
+        ct = total_ct(plan, members, rows, counted, arrays)
+        out, grads = forward_backward(plan, members, rows, counted, arrays, ct)
+        return sums(out), grads
+    if kind == "forward":
+        return forward(plan, members, rows, counted, arrays)
+    if kind == "forward_saved":
+        if isinstance(plan.core, Rule):
+            return forward(plan, members, rows, counted, arrays, saved=True)
+        return forward(plan, members, rows, counted, arrays), None
+    if kind == "backward":
+        return backward(plan, members, rows, counted, arrays, saved, ct)
+    raise ValueError(f"unknown kind of work {kind!r}")
+
+
+def float_cts(ct) -> list:
+    """The cotangents of the floating outputs, in leaf order."""
+    return [c for c, f in zip(jax.tree.leaves(ct), float_leaves(ct), strict=True) if f]
+
+
+def cotangents(plan: Plan, members, grads, scale=None):
     """Cotangents for the ``members`` argument, in the primals' dtypes and mesh variance."""
     out = []
     for member, train, g in zip(members, plan.trainable, grads, strict=True):
@@ -151,59 +195,48 @@ def _cotangents(plan: Plan, members, grads, scale=None):
     return tuple(out)
 
 
-# --- mode "positions": per-position outputs, recomputed in the backward pass ----------
+def rules(run):
+    """The two ``custom_vjp``s of the engine, over ``run(kind, plan, *arrays)``.
+
+    ``run`` is :func:`work` on one device (or inside ``shard_map``), or the
+    same work partitioned over a mesh. ``"positions"``: per-position outputs,
+    whose backward pass recomputes each chunk's logits; ``"sum"``: sums over
+    positions, whose gradients are computed in the forward pass.
+    """
+
+    @partial(jax.custom_vjp, nondiff_argnums=(0,))
+    def positions(plan: Plan, members, rows, counted, arrays):
+        return run("forward", plan, members, rows, counted, arrays)
+
+    def positions_fwd(plan, members, rows, counted, arrays):
+        out, saved = run("forward_saved", plan, members, rows, counted, arrays)
+        return out, (members, rows, counted, arrays, saved)
+
+    def positions_bwd(plan, residuals, ct):
+        members, rows, counted, arrays, saved = residuals
+        grads = run("backward", plan, members, rows, counted, arrays, saved, float_cts(ct))
+        return cotangents(plan, members, grads), None, None, None
+
+    positions.defvjp(positions_fwd, positions_bwd)
+
+    @partial(jax.custom_vjp, nondiff_argnums=(0,))
+    def summed(plan: Plan, members, rows, counted, arrays):
+        return run("sums", plan, members, rows, counted, arrays)
+
+    def summed_fwd(plan, members, rows, counted, arrays):
+        out, grads = run("sums_grads", plan, members, rows, counted, arrays)
+        return out, (members, grads)
+
+    def summed_bwd(plan, residuals, ct):
+        members, grads = residuals
+        ct_loss, _ = ct  # the auxiliary sums (counts, weights) do not depend on the logits
+        return cotangents(plan, members, grads, scale=ct_loss), None, None, None
+
+    summed.defvjp(summed_fwd, summed_bwd)
+    return positions, summed
 
 
-@partial(jax.custom_vjp, nondiff_argnums=(0,))
-def positions(plan: Plan, members, rows, counted, arrays):
-    return forward(plan, members, rows, counted, arrays)
-
-
-def _positions_fwd(plan: Plan, members, rows, counted, arrays):
-    if isinstance(plan.core, Rule):
-        out, saved = forward(plan, members, rows, counted, arrays, saved=True)
-    else:
-        out, saved = forward(plan, members, rows, counted, arrays), None
-    return out, (members, rows, counted, arrays, saved)
-
-
-def _positions_bwd(plan: Plan, residuals, ct):
-    members, rows, counted, arrays, saved = residuals
-    float_ct = [c for c, f in zip(jax.tree.leaves(ct), float_leaves(ct), strict=True) if f]
-    grads = backward(plan, members, rows, counted, arrays, saved, float_ct)
-    return _cotangents(plan, members, grads), None, None, None
-
-
-positions.defvjp(_positions_fwd, _positions_bwd)
-
-
-# --- mode "sum": sums over positions, gradients computed in the forward pass ----------
-
-
-@partial(jax.custom_vjp, nondiff_argnums=(0,))
-def summed(plan: Plan, members, rows, counted, arrays):
-    return sums(forward(plan, members, rows, counted, arrays))
-
-
-def _summed_fwd(plan: Plan, members, rows, counted, arrays):
-    loss, aux = jax.eval_shape(lambda: _output_init(plan, members, rows, counted, arrays))
-    # The gradient of Σ loss; the auxiliary outputs get a zero cotangent.
-    ct = [jnp.ones(loss.shape, loss.dtype)] + [
-        jnp.zeros(s.shape, s.dtype)
-        for s, f in zip(jax.tree.leaves(aux), float_leaves(aux), strict=True)
-        if f
-    ]
-    out, grads = forward_backward(plan, members, rows, counted, arrays, ct)
-    return sums(out), (members, grads)
-
-
-def _summed_bwd(plan: Plan, residuals, ct):
-    members, grads = residuals
-    ct_loss, _ = ct  # the auxiliary sums (counts, weights) do not depend on the logits
-    return _cotangents(plan, members, grads, scale=ct_loss), None, None, None
-
-
-summed.defvjp(_summed_fwd, _summed_bwd)
+positions, summed = rules(work)
 
 
 def plan_for(core, members, counted, options: dict, trainable, chunk_sizes) -> Plan:

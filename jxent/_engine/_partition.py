@@ -1,0 +1,191 @@
+"""The fused loops on an Auto mesh: ``custom_partitioning`` ops that run per device.
+
+Under ``jit`` with Auto mesh axes the layout of the arrays is known only to
+the compiler, so each computation of the fused engine's ``custom_vjp`` rules
+(:func:`~._loop.work`: the sums, the sums and gradients, the per-position
+outputs, the backward pass) is one ``custom_partitioning`` op. Its rule
+(:func:`_partition`) reads the operands' shardings, keeps the positions
+split as ``hidden`` is and the classes as ``kernel`` is (the ``[D]`` axis is
+gathered, as FSDP gathers it), and runs :func:`~._loop.work` on each
+device's block with the collectives of the ``shard_map`` path: per-token
+``pmax``/``psum`` over the vocabulary axes inside the cores, then one
+``psum`` over the position axes of the sums and of the kernel's and bias's
+gradients, and one over the vocabulary axes of the hidden states' gradient.
+On one device the op is the plain computation.
+"""
+
+from __future__ import annotations
+
+import functools
+from functools import partial
+from typing import Any, NamedTuple
+
+import jax
+from jax.experimental.custom_partitioning import custom_partitioning
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
+
+from ._chunk import is_linear
+from ._loop import default_chunk_size, rules, work
+from ._sharding import axis_name, fit, names
+
+
+class Op(NamedTuple):
+    """The static description of one op: what it computes and the role of each array."""
+
+    kind: str
+    plan: Any
+    tree: Any  # the treedef of (members, rows, counted, arrays, saved, ct)
+    roles: tuple  # per operand leaf: its factors ("n" positions, "v" classes, "d0" features...)
+    results: tuple  # per result leaf, the same
+    chunk_sizes: tuple  # the members' chunk_size (None: the default for this device)
+
+
+def _per_position(x) -> tuple:
+    return ("n",) + tuple(f"r{j}" for j in range(1, x.ndim))
+
+
+def _member_roles(members) -> list:
+    """Per member, its arrays' factors: ``hidden [n, d_i]``, ``kernel [d_i, v]``, ``bias [v]``."""
+    out = []
+    for i, m in enumerate(members):
+        if is_linear(m):
+            out.append((("n", f"d{i}"), (f"d{i}", "v"), None if m[2] is None else ("v",)))
+        else:
+            out.append((("n", "v"),))
+    return out
+
+
+def _roles(members, rows, counted, arrays, saved, ct) -> tuple:
+    num_classes = next(m[1].shape[1] if is_linear(m) else m.shape[1] for m in members)
+    out = [r for roles in _member_roles(members) for r in roles if r is not None]
+    out += [_per_position(x) for x in jax.tree.leaves(rows)]
+    out.append(("n",))
+    out += [
+        ("v",) if x.ndim == 1 and x.shape[0] == num_classes else ()
+        for x in jax.tree.leaves(arrays)
+    ]
+    out += [_per_position(x) for x in jax.tree.leaves((saved, ct))]
+    return tuple(out)
+
+
+def _result_roles(kind: str, members, results) -> tuple:
+    """Sums replicated, per-position outputs split like the positions, gradients like primals."""
+    out = []
+    if kind in ("sums", "sums_grads"):
+        sums = results[0] if kind == "sums_grads" else results
+        out += [tuple(f"s{j}" for j in range(s.ndim)) for s in jax.tree.leaves(sums)]
+    if kind in ("sums_grads", "backward"):
+        grads = results[1] if kind == "sums_grads" else results
+        for roles, g in zip(_member_roles(members), grads, strict=True):
+            if g is not None:
+                out += [r for r, x in zip(roles, g, strict=True) if x is not None]
+    if kind in ("forward", "forward_saved"):
+        out += [_per_position(x) for x in jax.tree.leaves(results)]
+    return tuple(out)
+
+
+def _rule(op: Op, mesh, operand_types, result_types):
+    """Shardy's rule: ``n`` and ``v`` may be split; every other factor is replicated."""
+    del mesh, operand_types, result_types
+    join = lambda roles: ", ".join(" ".join(r) for r in roles)
+    factors = {f for r in op.roles + op.results for f in r}
+    keep = tuple(sorted(factors - {"n", "v"}))
+    return f"{join(op.roles)} -> {join(op.results)}", {"need_replication_factors": keep}
+
+
+def _run_flat(op: Op, *leaves):
+    """The op on one device: :func:`~._loop.work` on the whole arrays."""
+    members, rows, counted, arrays, saved, ct = jax.tree.unflatten(op.tree, leaves)
+    return work(op.kind, op.plan, members, rows, counted, arrays, saved, ct)
+
+
+_op = custom_partitioning(_run_flat, static_argnums=(0,))
+
+
+def _partition(op: Op, mesh, arg_shapes, result_shape):
+    """Each device runs :func:`~._loop.work` on its positions and classes, then combines."""
+    hidden = next(x for x, r in zip(arg_shapes, op.roles, strict=True) if r[:1] == ("n",)
+                  and r[1:2] != ("v",))
+    kernel = next(x for x, r in zip(arg_shapes, op.roles, strict=True) if r[1:] == ("v",))
+    spec = lambda x, i: (tuple(x.sharding.spec) + (None, None))[i]
+    layout = fit(mesh, (spec(hidden, 0),), names(spec(kernel, 1)), hidden.shape[:1],
+                 kernel.shape[1])
+    pos_axes, vocab_axes = axis_name(layout.position_axes), axis_name(layout.vocab)
+    factor = {"n": layout.positions[0], "v": vocab_axes}
+    sharding = lambda roles: NamedSharding(mesh, P(*(factor.get(f) for f in roles)))
+    arg_shardings = tuple(sharding(r) for r in op.roles)
+    result_shardings = jax.tree.unflatten(
+        jax.tree.structure(result_shape), [sharding(r) for r in op.results]
+    )
+
+    def lower(*leaves):
+        members, rows, counted, arrays, saved, ct = jax.tree.unflatten(op.tree, leaves)
+        plan = _local_plan(op, members, counted, vocab_axes)
+        out = work(op.kind, plan, members, rows, counted, arrays, saved, ct)
+        return _combine(op.kind, out, pos_axes, vocab_axes)
+
+    return mesh, lower, result_shardings, arg_shardings
+
+
+def _local_plan(op: Op, members, counted, vocab_axes):
+    """The plan for this device's block: its positions, its chunk, the vocabulary's axes."""
+    n = counted.shape[0]
+    sizes = set(op.chunk_sizes) - {None}
+    num_classes = sum(m[1].shape[1] if is_linear(m) else m.shape[1] for m in members)
+    chunk = min(sizes) if sizes else default_chunk_size(n, num_classes)
+    options = dict(op.plan.options, vocab_axis_name=vocab_axes)
+    # Outputs are the same on every vocabulary device; outside shard_map the
+    # transpose of each psum in a core sums its cotangent over them, so each
+    # device differentiates its share (as shard_map does without vma checks).
+    share = 1.0 if vocab_axes is None else 1.0 / jax.lax.axis_size(vocab_axes)
+    return op.plan._replace(
+        positions=n, chunk=max(1, min(chunk, n)), options=tuple(sorted(options.items())),
+        ct_scale=share,
+    )
+
+
+def _combine(kind: str, out, pos_axes, vocab_axes):
+    """The devices' parts summed: sums and kernel/bias gradients over positions, hidden's over V."""
+
+    def grads(gs):
+        combined = []
+        for g in gs:
+            if g is None:
+                combined.append(None)
+                continue
+            d_hidden, d_kernel, d_bias = g
+            if vocab_axes is not None:
+                d_hidden = jax.lax.psum(d_hidden, vocab_axes)
+            if pos_axes is not None:
+                d_kernel = jax.lax.psum(d_kernel, pos_axes)
+                d_bias = None if d_bias is None else jax.lax.psum(d_bias, pos_axes)
+            combined.append((d_hidden, d_kernel, d_bias))
+        return tuple(combined)
+
+    total = (lambda s: s) if pos_axes is None else (lambda s: jax.lax.psum(s, pos_axes))
+    if kind == "sums":
+        return total(out)
+    if kind == "sums_grads":
+        return total(out[0]), grads(out[1])
+    if kind == "backward":
+        return grads(out)
+    return out  # per-position outputs stay on their devices
+
+
+_op.def_partition(partition=_partition, sharding_rule=_rule)
+
+
+def _call(chunk_sizes, kind, plan, members, rows, counted, arrays, saved=None, ct=None):
+    tree_args = (members, rows, counted, arrays, saved, ct)
+    leaves, tree = jax.tree.flatten(tree_args)
+    roles = _roles(*tree_args)
+    shapes = jax.eval_shape(lambda: work(kind, plan, *tree_args))
+    op = Op(kind, plan, tree, roles, _result_roles(kind, members, shapes), chunk_sizes)
+    return _op(op, *leaves)
+
+
+@functools.cache
+def partitioned_rules(chunk_sizes: tuple):
+    """The engine's two ``custom_vjp``s with every computation a partitioned op."""
+    return rules(partial(_call, chunk_sizes))

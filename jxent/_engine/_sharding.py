@@ -1,0 +1,197 @@
+"""Sharded arrays under plain ``jit``: which devices hold which positions and classes.
+
+A user who places arrays with ``NamedSharding`` and calls a jxent function
+under ``jax.jit`` writes single-device code; the engine reads the layout of
+the logits (dense ``[*P, V]``, or ``LinearLogits``' ``hidden [*P, D]`` and
+``kernel [D, V]``) and runs each device on its own positions and classes,
+with the collectives of the ``shard_map`` + ``vocab_axis_name`` path:
+per-token ``pmax``/``psum`` over the vocabulary axes, and one ``psum`` of
+the sums (and of the kernel's gradient) over the position axes.
+
+* **Explicit** mesh axes (the layout is part of each array's type, known at
+  trace time): the call is wrapped in ``jax.shard_map`` over the arrays'
+  mesh (:func:`run_explicit`), dense and fused alike; autodiff through
+  ``shard_map`` gives every gradient in its input's layout.
+* **Auto** mesh axes (the layout is known only to the compiler): the fused
+  loops become ``custom_partitioning`` ops whose rule sees the operands'
+  shardings (``jxent._engine._partition``). Dense logits need nothing: XLA
+  partitions their elementwise passes and reductions by itself.
+
+A layout that cannot be split evenly (positions or classes not divisible by
+the devices along an axis) is gathered along that axis instead.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, NamedTuple
+
+import jax
+from jax.sharding import AxisType, NamedSharding
+from jax.sharding import PartitionSpec as P
+
+
+def names(entry) -> tuple[str, ...]:
+    """The mesh axis names of one entry of a ``PartitionSpec``."""
+    if entry is None:
+        return ()
+    return tuple(entry) if isinstance(entry, (tuple, list)) else (entry,)
+
+
+def axis_name(axes: tuple[str, ...]):
+    """``axes`` as a collective's axis name: None, one name, or a tuple of names."""
+    if not axes:
+        return None
+    return axes[0] if len(axes) == 1 else tuple(axes)
+
+
+def _mesh(x):
+    sharding = getattr(jax.typeof(x), "sharding", None)
+    return getattr(sharding, "mesh", None)
+
+
+def mesh_kind(arrays) -> str:
+    """``"manual"`` (inside ``shard_map``), ``"explicit"``, ``"auto"`` or ``"none"``.
+
+    Read from the arrays' types: a mesh of one device, or none, is ``"none"``.
+    """
+    kind = "none"
+    for x in jax.tree.leaves(arrays):
+        mesh = _mesh(x)
+        if mesh is None or mesh.empty or math.prod(mesh.axis_sizes) <= 1:
+            continue
+        types = set(mesh.axis_types)
+        if AxisType.Manual in types:
+            return "manual"
+        if AxisType.Explicit in types:
+            kind = "explicit"
+        elif kind == "none":
+            kind = "auto"
+    return kind
+
+
+def _spec(x) -> tuple:
+    spec = tuple(jax.typeof(x).sharding.spec)
+    return spec + (None,) * (x.ndim - len(spec))
+
+
+class Layout(NamedTuple):
+    """Which mesh axes split the positions (per position axis) and the vocabulary."""
+
+    mesh: Any
+    positions: tuple  # one PartitionSpec entry per position axis
+    vocab: tuple[str, ...]
+
+    @property
+    def position_axes(self) -> tuple[str, ...]:
+        return tuple(a for entry in self.positions for a in names(entry))
+
+
+def fit(mesh, positions: tuple, vocab: tuple[str, ...], shape, num_classes: int) -> Layout:
+    """A :class:`Layout` that splits evenly: axes that do not divide their dimension are dropped.
+
+    ``positions`` holds the spec entries of the position axes of ``shape``;
+    the vocabulary keeps its axes not already used by the positions.
+    """
+    sizes = dict(zip(mesh.axis_names, mesh.axis_sizes, strict=True))
+    entries = []
+    used = set()
+    for entry, size in zip(positions, shape, strict=True):
+        axes = tuple(a for a in names(entry) if a not in used)
+        if size % math.prod(sizes[a] for a in axes):
+            axes = ()
+        used.update(axes)
+        entries.append(axis_name(axes))
+    vocab = tuple(a for a in vocab if a not in used)
+    if num_classes % math.prod(sizes[a] for a in vocab):
+        vocab = ()
+    return Layout(mesh, tuple(entries), vocab)
+
+
+def explicit_layout(logits: tuple, fused: tuple, positions_shape, axis: int) -> Layout:
+    """The layout of a call's logits from their types (Explicit axes).
+
+    The first member decides: a ``LinearLogits`` (``fused``) by its ``hidden``
+    (positions) and ``kernel`` (vocabulary), dense logits by their own spec,
+    the class axis ``axis`` being the vocabulary's.
+    """
+    first = logits[0]
+    if fused[0]:
+        mesh = _mesh(first.hidden)
+        positions = _spec(first.hidden)[:-1]
+        vocab = names(_spec(first.kernel)[1])
+        num_classes = first.kernel.shape[1]
+    else:
+        mesh = _mesh(first)
+        spec = _spec(first)
+        axis = axis % first.ndim
+        positions = spec[:axis] + spec[axis + 1 :]
+        vocab = names(spec[axis])
+        num_classes = first.shape[axis]
+    return fit(mesh, positions, vocab, positions_shape, num_classes)
+
+
+def _member_spec(x, linear: bool, layout: Layout, axis: int):
+    vocab = axis_name(layout.vocab)
+    if linear:
+        bias = None if x.bias is None else P(vocab)
+        children = (P(*layout.positions, None), P(None, vocab), bias)
+        return jax.tree.unflatten(jax.tree.structure(x), children)
+    entries = list(layout.positions)
+    entries.insert(axis % x.ndim, vocab)
+    return P(*entries)
+
+
+def _row_spec(x, layout: Layout, dense: dict):
+    if x.shape in dense:
+        return dense[x.shape]
+    return P(*layout.positions, *((None,) * (x.ndim - len(layout.positions))))
+
+
+def _reshard(tree, specs, mesh):
+    def place(x, spec):
+        if x is None or _spec(x) == tuple(spec) + (None,) * (x.ndim - len(spec)):
+            return x
+        return jax.sharding.reshard(x, NamedSharding(mesh, spec))
+
+    return jax.tree.map(place, tree, specs, is_leaf=lambda s: isinstance(s, P))
+
+
+def run_explicit(local, core, logits, rows, counted, *, mode, options, trainable, axis, fused):
+    """``local`` (the engine's dispatch) on each device's block, inside ``jax.shard_map``.
+
+    ``axis`` is the class axis of dense members (negative or not); ``fused``
+    says which members are ``LinearLogits``.
+    """
+    layout = explicit_layout(logits, fused, counted.shape, axis)
+    arrays = {k: v for k, v in options.items() if isinstance(v, jax.Array)}
+    static = {k: v for k, v in options.items() if k not in arrays}
+    first = logits[0]
+    num_classes = first.shape[-1] if fused[0] else first.shape[axis]
+    vocab = axis_name(layout.vocab)
+
+    member_specs = tuple(
+        _member_spec(x, lin, layout, axis) for x, lin in zip(logits, fused, strict=True)
+    )
+    dense = {tuple(x.shape): s for x, s, lin in zip(logits, member_specs, fused, strict=True)
+             if not lin}
+    row_specs = jax.tree.map(lambda x: _row_spec(x, layout, dense), rows)
+    array_specs = {
+        k: P(vocab) if v.ndim == 1 and v.shape[0] == num_classes else P()
+        for k, v in arrays.items()
+    }
+    in_specs = (member_specs, row_specs, P(*layout.positions), array_specs)
+    args = _reshard((logits, rows, counted, arrays), in_specs, layout.mesh)
+    reduce_over = axis_name(layout.position_axes)
+
+    def per_device(logits, rows, counted, arrays):
+        opts = dict(static, **arrays, vocab_axis_name=vocab)
+        out = local(core, logits, rows, counted, mode=mode, options=opts, trainable=trainable)
+        if mode == "sum" and reduce_over is not None:
+            out = jax.lax.psum(out, reduce_over)
+        return out
+
+    out_specs = P() if mode == "sum" else P(*layout.positions)
+    return jax.shard_map(
+        per_device, mesh=layout.mesh, in_specs=in_specs, out_specs=out_specs
+    )(*args)
