@@ -17,7 +17,8 @@ all-reduce of the kernel's (and bias's) gradient over the data devices,
 outside every loop.
 
 Groups: ``auto``, ``explicit`` (the 8-device meshes), ``four`` (2 × 2, both
-axis types, fused functions only). Exit 1 on any failure, 2 without 8 devices.
+axis types, fused functions only), ``transforms`` (eager calls and ``vmap``
+on sharded arrays). Exit 1 on any failure, 2 without 8 devices.
 """
 
 from __future__ import annotations
@@ -277,6 +278,34 @@ def run_group(group: str, x, want):
                     check_program(label, mesh, layout, fused, x, want[fused])
 
 
+def transforms(x):
+    """Eager calls, ``vmap`` over a replicated leading axis, and a head without bias."""
+    devices = np.asarray(jax.devices())
+    f = lambda h, k, t, w: jxent.sequence_nll(
+        LinearLogits(h, k, chunk_size=CHUNK), t, shift=True, where=w, normalize="sum"
+    )
+    grad = jax.value_and_grad(f, argnums=(0, 1))
+    args = (x["hidden"], x["kernel"], x["tokens"], x["where"])
+    want = jax.jit(grad)(*args)
+    stack = lambda a: np.stack([a, a])
+    want_vmap = jax.jit(jax.vmap(grad, in_axes=(0, None, 0, 0)))(
+        stack(args[0]), args[1], stack(args[2]), stack(args[3])
+    )
+    for kind in (AxisType.Auto, AxisType.Explicit):
+        mesh = jax.sharding.Mesh(devices.reshape(2, 4), ("data", "model"), axis_types=(kind,) * 2)
+        put = lambda a, *spec, mesh=mesh: jax.device_put(a, NamedSharding(mesh, P(*spec)))
+        placed = (put(args[0], "data"), put(args[1], None, "model"), put(args[2], "data"),
+                  put(args[3], "data"))
+        with jax.set_mesh(mesh):
+            with case(f"{kind.name}: eager call, no bias"):
+                chex.assert_trees_all_close(grad(*placed), want, rtol=TOL, atol=TOL)
+            with case(f"{kind.name}: jit(vmap) over a replicated leading axis"):
+                batched = (put(stack(args[0]), None, "data"), placed[1],
+                           put(stack(args[2]), None, "data"), put(stack(args[3]), None, "data"))
+                got = jax.jit(jax.vmap(grad, in_axes=(0, None, 0, 0)))(*batched)
+                chex.assert_trees_all_close(got, want_vmap, rtol=TOL, atol=TOL)
+
+
 def main(groups):
     if jax.device_count() < 8:
         print("needs 8 devices: XLA_FLAGS=--xla_force_host_platform_device_count=8")
@@ -284,9 +313,12 @@ def main(groups):
     x = inputs()
     one = jax.devices()[0]
     want = {fused: program(fused)(jax.device_put(x, one)) for fused in (True, False)}
-    for group in groups or ("auto", "explicit", "four"):
+    for group in groups or ("auto", "explicit", "four", "transforms"):
         print(f"[{group}]", flush=True)
-        run_group(group, x, want)
+        if group == "transforms":
+            transforms(x)
+        else:
+            run_group(group, x, want)
     if FAILURES:
         print(f"\n{len(FAILURES)} failure(s):")
         for failure in FAILURES:

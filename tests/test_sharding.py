@@ -26,7 +26,7 @@ XLA_FLAGS = (
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("group", ["auto", "explicit", "four"])
+@pytest.mark.parametrize("group", ["auto", "explicit", "four", "transforms"])
 def test_sharding_checks(group):
     env = dict(os.environ, XLA_FLAGS=XLA_FLAGS, JAX_PLATFORMS="cpu")
     result = subprocess.run(

@@ -103,6 +103,27 @@ def _run_flat(op: Op, *leaves):
 _op = custom_partitioning(_run_flat, static_argnums=(0,))
 
 
+def _batched(op: Op):
+    """The op under ``vmap``: the per-example computation, batched, without partitioning.
+
+    ``custom_partitioning`` has no batching rule; a ``vmap`` over a fused call
+    on an Auto mesh runs the loops as XLA partitions them (correct values,
+    no per-device split).
+    """
+
+    @jax.custom_batching.custom_vmap
+    def call(*leaves):
+        return _op(op, *leaves)
+
+    @call.def_vmap
+    def rule(axis_size, in_batched, *leaves):
+        axes = [0 if b else None for b in in_batched]
+        out = jax.vmap(partial(_run_flat, op), in_axes=axes, axis_size=axis_size)(*leaves)
+        return out, jax.tree.map(lambda _: True, out)
+
+    return call
+
+
 def _partition(op: Op, mesh, arg_shapes, result_shape):
     """Each device runs :func:`~._loop.work` on its positions and classes, then combines."""
     hidden = next(x for x, r in zip(arg_shapes, op.roles, strict=True) if r[:1] == ("n",)
@@ -182,7 +203,7 @@ def _call(chunk_sizes, kind, plan, members, rows, counted, arrays, saved=None, c
     roles = _roles(*tree_args)
     shapes = jax.eval_shape(lambda: work(kind, plan, *tree_args))
     op = Op(kind, plan, tree, roles, _result_roles(kind, members, shapes), chunk_sizes)
-    return _op(op, *leaves)
+    return _batched(op)(*leaves)
 
 
 @functools.cache
