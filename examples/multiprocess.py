@@ -28,6 +28,9 @@ of the reference):
   kernel and bias;
 * vocab-parallel ``sequence_nll`` (and ``token_stats`` and ``distillation_loss``
   where this version of jxent has them);
+* plain ``jit`` of single-device code, ``sequence_nll`` on ``LinearLogits``,
+  with the arrays placed over ``data × vocab`` on Auto and on Explicit mesh
+  axes: no ``shard_map``, no axis names, and no all-gather in the program;
 * a jitted Flax NNX + optax training step, a few steps on data-sharded batches.
 
 One line per check, a verdict, and a non-zero exit on any mismatch. Faults are
@@ -182,7 +185,7 @@ import numpy as np  # noqa: E402
 import optax  # noqa: E402
 from flax import nnx  # noqa: E402
 from jax.experimental import multihost_utils  # noqa: E402
-from jax.sharding import Mesh, NamedSharding  # noqa: E402
+from jax.sharding import AxisType, Mesh, NamedSharding  # noqa: E402
 from jax.sharding import PartitionSpec as P  # noqa: E402
 
 import jxent  # noqa: E402
@@ -286,7 +289,7 @@ class Runtime:
         self.mesh = Mesh(grid, ("data", "vocab"))
         self.reference_device = jax.local_devices()[0]
 
-    def on_mesh(self, fn, specs, sources: list[Source]):
+    def on_mesh(self, fn, specs, sources: list[Source], mesh: Mesh | None = None):
         """``jit(fn)`` on arrays of which this process builds only its own blocks.
 
         ``eval_shape`` first: the shapes meet ``shard_map`` before any data is
@@ -294,15 +297,15 @@ class Runtime:
         """
         abstract = [jax.ShapeDtypeStruct(s.shape, s.dtype) for s in sources]
         jax.eval_shape(fn, *abstract)
-        arrays = [self.place(s, spec) for s, spec in zip(sources, specs, strict=True)]
+        arrays = [self.place(s, spec, mesh) for s, spec in zip(sources, specs, strict=True)]
         compiled = jax.jit(fn).lower(*arrays).compile()
         self.collectives = collectives(compiled.as_text())
         return compiled(*arrays)
 
-    def place(self, source: Source, spec) -> jax.Array:
+    def place(self, source: Source, spec, mesh: Mesh | None = None) -> jax.Array:
         """The global array; this process builds only the blocks of its own devices."""
         return jax.make_array_from_callback(
-            source.shape, NamedSharding(self.mesh, spec), source.block
+            source.shape, NamedSharding(mesh or self.mesh, spec), source.block
         )
 
     def on_one_device(self, fn, sources: list[Source]):
@@ -461,6 +464,30 @@ def vocab_parallel_distillation_loss(rt: Runtime, src: dict):
     return per_token_check(rt, src, fn, ("logits", "teacher"), "jsd per position and its VJP")
 
 
+def plain_jit_fused(rt: Runtime, src: dict):
+    """Single-device code on arrays placed over data × vocab: no shard_map, no axis names."""
+
+    options = dict(label_smoothing=0.1, z_loss=1e-3)
+
+    def loss(hidden, kernel, bias, tokens, mask):
+        logits = jxent.LinearLogits(hidden, kernel, bias, chunk_size=24)
+        return jxent.sequence_nll(logits, tokens, shift=True, where=mask, **options)
+
+    grads = jax.value_and_grad(loss, (0, 1, 2))
+    args = [src[k] for k in ("hidden", "kernel", "bias", "tokens", "mask")]
+    specs = [P("data"), P(None, "vocab"), P("vocab"), P("data"), P("data")]
+    want = rt.on_one_device(grads, args)
+    notes = []
+    for kind in (AxisType.Auto, AxisType.Explicit):
+        mesh = Mesh(rt.mesh.devices, rt.mesh.axis_names, axis_types=(kind, kind))
+        with jax.set_mesh(mesh):
+            got = rt.on_mesh(grads, specs, args, mesh=mesh)
+        if "all-gather" in rt.collectives or rt.error(got, want) > TOL:
+            return got, want, f"{kind.name} axes: {rt.collectives}"
+        notes.append(f"{kind.name}: {rt.collectives}")
+    return got, want, f"loss {float(want[0]):.6f}; collectives, " + "; ".join(notes)
+
+
 def nnx_optax_training(rt: Runtime, src: dict, steps: int = 3):
 
     vocab = src["kernel"].shape[1]
@@ -519,6 +546,7 @@ CHECKS = [
     ("vocab-parallel sequence_nll", vocab_parallel_sequence_nll, None),
     ("vocab-parallel token_stats", vocab_parallel_token_stats, "token_stats"),
     ("vocab-parallel distillation_loss", vocab_parallel_distillation_loss, "distillation_loss"),
+    ("plain jit, LinearLogits on sharded arrays", plain_jit_fused, None),
     ("Flax NNX + optax training step", nnx_optax_training, None),
 ]
 

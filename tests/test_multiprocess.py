@@ -79,6 +79,7 @@ def test_two_processes_match_one_device():
         "data-parallel nll_stats + psum",
         "vocab-parallel linear_cross_entropy",
         "vocab-parallel sequence_nll",
+        "plain jit, LinearLogits on sharded arrays",  # Auto and Explicit axes, no shard_map
         "Flax NNX + optax training step",
     ):
         assert f"ok   {name}:" in out, out

@@ -50,24 +50,26 @@ def _mesh(x):
     return getattr(sharding, "mesh", None)
 
 
-def mesh_kind(arrays) -> str:
-    """``"manual"`` (inside ``shard_map``), ``"explicit"``, ``"auto"`` or ``"none"``.
-
-    Read from the arrays' types: a mesh of one device, or none, is ``"none"``.
-    """
-    kind = "none"
+def mesh_of(arrays):
+    """``(kind, mesh)`` of the arrays' types: kind ``"manual"`` (inside ``shard_map``),
+    ``"explicit"``, ``"auto"`` or ``"none"`` (no mesh, or a mesh of one device)."""
+    kind, found = "none", None
     for x in jax.tree.leaves(arrays):
         mesh = _mesh(x)
         if mesh is None or mesh.empty or math.prod(mesh.axis_sizes) <= 1:
             continue
         types = set(mesh.axis_types)
         if AxisType.Manual in types:
-            return "manual"
+            return "manual", mesh
         if AxisType.Explicit in types:
-            kind = "explicit"
+            kind, found = "explicit", mesh
         elif kind == "none":
-            kind = "auto"
-    return kind
+            kind, found = "auto", mesh
+    return kind, found
+
+
+def mesh_kind(arrays) -> str:
+    return mesh_of(arrays)[0]
 
 
 def _spec(x) -> tuple:
@@ -108,7 +110,7 @@ def fit(mesh, positions: tuple, vocab: tuple[str, ...], shape, num_classes: int)
     return Layout(mesh, tuple(entries), vocab)
 
 
-def explicit_layout(logits: tuple, fused: tuple, positions_shape, axis: int) -> Layout:
+def explicit_layout(logits: tuple, fused: tuple, positions_shape, axis: int, mesh) -> Layout:
     """The layout of a call's logits from their types (Explicit axes).
 
     The first member decides: a ``LinearLogits`` (``fused``) by its ``hidden``
@@ -117,12 +119,10 @@ def explicit_layout(logits: tuple, fused: tuple, positions_shape, axis: int) -> 
     """
     first = logits[0]
     if fused[0]:
-        mesh = _mesh(first.hidden)
         positions = _spec(first.hidden)[:-1]
         vocab = names(_spec(first.kernel)[1])
         num_classes = first.kernel.shape[1]
     else:
-        mesh = _mesh(first)
         spec = _spec(first)
         axis = axis % first.ndim
         positions = spec[:axis] + spec[axis + 1 :]
@@ -163,7 +163,8 @@ def run_explicit(local, core, logits, rows, counted, *, mode, options, trainable
     ``axis`` is the class axis of dense members (negative or not); ``fused``
     says which members are ``LinearLogits``.
     """
-    layout = explicit_layout(logits, fused, counted.shape, axis)
+    mesh = mesh_of((logits, rows, counted))[1]
+    layout = explicit_layout(logits, fused, counted.shape, axis, mesh)
     arrays = {k: v for k, v in options.items() if isinstance(v, jax.Array)}
     static = {k: v for k, v in options.items() if k not in arrays}
     first = logits[0]
