@@ -39,10 +39,8 @@ class _Tee(io.TextIOBase):
 
 
 def section_name(argv: list[str]) -> str:
-    """The section a run writes: the script, and its options that change the tables."""
-    script = pathlib.Path(argv[0]).name
-    options = [a for a in argv[1:] if a != "--update-docs"]
-    return " ".join([f"benchmarks/{script}"] + options)
+    """The section a run writes: one per script (the body records the whole command)."""
+    return f"benchmarks/{pathlib.Path(argv[0]).name}"
 
 
 @contextlib.contextmanager
@@ -64,10 +62,11 @@ def report(update: bool, argv: list[str] | None = None):
     stamp = datetime.date.today().isoformat()
     body = f"`{command}` ({stamp}):\n\n{tee.buffer_.getvalue().strip()}\n"
     write_section(name, body)
-    print(f"wrote the section {name!r} of {DOC}", file=sys.stderr)
+    print(f"wrote the section {name!r} of {DOC.name}", file=sys.stderr)
 
 
-def write_section(name: str, body: str, doc: pathlib.Path = DOC) -> None:
+def write_section(name: str, body: str, doc: pathlib.Path | None = None) -> None:
+    doc = doc or DOC
     begin, end = f"<!-- begin {name} -->", f"<!-- end {name} -->"
     text = doc.read_text() if doc.exists() else "# Performance\n"
     block = f"{begin}\n{body}{end}"

@@ -3,21 +3,23 @@
 Eight CPU devices stand in for accelerators. The batch is split over the
 ``data`` axis (2 ways) and the vocabulary over the ``model`` axis (4 ways):
 the kernel ``[D, V]`` of the language-model head, and so the logits, are
-never held whole by any device. Three ways to compute the same global token
+never held whole by any device. Six ways to compute the same global token
 mean, each checked against one device (value and gradients, to 1e-5):
 
-1. ``shard_map`` + ``vocab_axis_name``: each device computes ``nll_stats`` on
+1.-4. Plain ``jit`` of single-device code on ``NamedSharding``-placed arrays,
+   with dense logits ``hidden @ kernel`` or the fused ``LinearLogits(hidden,
+   kernel)``, on a mesh with Auto axes and on one with Explicit axes: jxent
+   runs each device on its own positions and classes.
+5. ``shard_map`` + ``vocab_axis_name``: each device computes ``nll_stats`` on
    its ``[B/2, T, V/4]`` block of logits; the vocabulary shards combine inside
    the loss (``pmax``/``psum`` of per-token vectors) and a ``psum`` of the
    ``NLLStats`` over ``data`` gives the exact global mean.
-2. The same with the fused ``linear_cross_entropy``: the logits are never
-   materialised, not even per shard.
-3. Plain ``jit`` with ``NamedSharding``-placed inputs and single-device code:
-   XLA partitions it (this needs a mesh with Auto axes; see docs/distributed.md).
+6. The same with the fused ``linear_cross_entropy``.
 
 For each, the collectives in the compiled program are listed: all-reduces of
-per-token vectors and of gradients, never an all-gather of the kernel or of
-the logits. Run:  python examples/distributed.py  (a few seconds).
+per-token vectors and of gradients, never an all-gather of the kernel, of the
+hidden states or of the logits. Run:  python examples/distributed.py  (a few
+seconds).
 """
 
 import os
@@ -55,6 +57,11 @@ def make_batch(seed: int = 0):
 def one_device(hidden, kernel, tokens, mask):
     """The reference: single-device code, global token mean over the whole batch."""
     return jxent.sequence_nll(hidden @ kernel, tokens, where=mask, shift=True)
+
+
+def one_device_fused(hidden, kernel, tokens, mask):
+    """The same loss through LinearLogits: the logits are never formed."""
+    return jxent.sequence_nll(jxent.LinearLogits(hidden, kernel), tokens, where=mask, shift=True)
 
 
 def vocab_parallel_stats(hidden, kernel, tokens, mask):
@@ -106,6 +113,10 @@ def main() -> int:
         return [jax.device_put(a, NamedSharding(on, s)) for a, s in zip(arrays, SPECS, strict=True)]
 
     paths = {
+        "plain jit, dense logits (Auto axes)": (one_device, auto_mesh),
+        "plain jit, dense logits (Explicit axes)": (one_device, mesh),
+        "plain jit, LinearLogits (Auto axes)": (one_device_fused, auto_mesh),
+        "plain jit, LinearLogits (Explicit axes)": (one_device_fused, mesh),
         "shard_map + vocab_axis_name, nll_stats": (
             jax.shard_map(vocab_parallel_stats, mesh=mesh, in_specs=SPECS, out_specs=P()),
             mesh,
@@ -114,14 +125,14 @@ def main() -> int:
             jax.shard_map(vocab_parallel_fused, mesh=mesh, in_specs=SPECS, out_specs=P()),
             mesh,
         ),
-        "plain jit + NamedSharding (Auto axes)": (one_device, auto_mesh),
     }
     print(f"one device: loss {float(want_value):.6f} nats/token")
     ok = True
     for name, (loss, on) in paths.items():
         args = place(on, (hidden, kernel, tokens, mask))
-        compiled = grad(loss).lower(*args).compile()
-        value, grads = compiled(*args)
+        with jax.set_mesh(on):
+            compiled = grad(loss).lower(*args).compile()
+            value, grads = compiled(*args)
         error = max(
             float(jnp.max(jnp.abs(np.asarray(g) - np.asarray(w))))
             for g, w in zip(grads, want_grads, strict=True)
