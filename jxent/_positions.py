@@ -325,7 +325,7 @@ def token_targets(
         w = np.asarray(weights)
         if w.size and not (np.isfinite(w) & (w >= 0)).all():
             raise ValueError(
-                f"weights must be finite and >= 0, got {w[~(np.isfinite(w) & (w >= 0))][0]!r}"
+                f"weights must be finite and >= 0, got {float(w[~(np.isfinite(w) & (w >= 0))][0])}"
             )
     counted = jnp.ones(positions, bool)
     length = None
