@@ -1,0 +1,90 @@
+"""What ``segment_ids`` costs: packed rows scored with and without document boundaries.
+
+``sequence_nll(..., shift=True, where=mask)`` against the same call with
+``segment_ids`` (eight documents a row), value and gradient (∂/∂hidden,
+∂/∂kernel), float32, on ``logits = hidden @ kernel`` (dense) and on
+``LinearLogits(hidden, kernel)`` (fused). The four candidates run alternately
+in one process, the order rotating every round; each ratio is the median of
+the per-round ratios of the same path with and without ids. Target: ≤ 1.02.
+
+    python benchmarks/packed.py               # B, T, D, V = 8, 512, 512, 32768
+    python benchmarks/packed.py --quick
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import statistics
+import sys
+import time
+
+import jax
+import numpy as np
+from _report import add_argument, report
+
+import jxent
+
+
+def log(message: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--sizes", default="8,512,512,32768", help="B,T,D,V")
+    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--quick", action="store_true", help="B, T, D, V = 4, 128, 64, 4096")
+    add_argument(parser)
+    args = parser.parse_args()
+    b, t, d, v = (4, 128, 64, 4096) if args.quick else map(int, args.sizes.split(","))
+    rng = np.random.default_rng(0)
+    hidden = jax.numpy.asarray(rng.standard_normal((b, t, d), np.float32))
+    kernel = jax.numpy.asarray(rng.standard_normal((d, v), np.float32) / np.sqrt(d))
+    tokens = jax.numpy.asarray(rng.integers(0, v, (b, t), dtype=np.int32))
+    segments = np.repeat(np.arange(1, 9), -(-t // 8))[None, :t].repeat(b, 0)
+    segments = jax.numpy.asarray(segments.astype(np.int32))
+    mask = jax.numpy.asarray(rng.random((b, t)) > 0.05)
+
+    def loss(fused, ids):
+        def f(h, k):
+            logits = jxent.LinearLogits(h, k) if fused else h @ k
+            return jxent.sequence_nll(logits, tokens, shift=True, where=mask, segment_ids=ids)
+        return jax.jit(jax.value_and_grad(f, (0, 1)))
+
+    cases = {
+        (path, ids is not None): loss(path == "fused", ids)
+        for path in ("dense", "fused")
+        for ids in (None, segments)
+    }
+    for key, step in cases.items():
+        log(f"compiling and warming up {key}")
+        jax.block_until_ready(step(hidden, kernel))
+    times = {key: [] for key in cases}
+    order = list(cases)
+    for r in range(args.rounds):
+        log(f"round {r + 1}/{args.rounds}")
+        for key in order[r % len(order):] + order[: r % len(order)]:
+            start = time.perf_counter()
+            jax.block_until_ready(cases[key](hidden, kernel))
+            times[key].append(time.perf_counter() - start)
+    with report(args.update_docs):
+        print(
+            f"CPU: {platform.processor() or platform.machine()}, {os.cpu_count()} cores; "
+            f"jax {jax.__version__}, jxent {jxent.__version__}; float32 value and gradient, "
+            f"B, T, D, V = {b}, {t}, {d}, {v}, 8 documents a row; median of {args.rounds} "
+            "alternating rounds"
+        )
+        print()
+        print("| path | without ids (ms) | with segment_ids (ms) | with ÷ without |")
+        print("|---|---:|---:|---:|")
+        for path in ("dense", "fused"):
+            without, with_ids = times[(path, False)], times[(path, True)]
+            ratio = statistics.median(a / b for a, b in zip(with_ids, without, strict=True))
+            print(f"| {path} | {statistics.median(without) * 1e3:.0f} "
+                  f"| {statistics.median(with_ids) * 1e3:.0f} | {ratio:.3f} |")
+
+
+if __name__ == "__main__":
+    main()
