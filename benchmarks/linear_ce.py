@@ -21,9 +21,15 @@ minus ``VmRSS`` before, freed heap memory handed back to the OS first), which
 includes the outputs (the gradients). The
 four losses are checked to agree before anything is timed.
 
-    python benchmarks/linear_ce.py            # the README table (needs ~14 GB free)
+    python benchmarks/linear_ce.py            # the table of docs/performance.md (needs ~14 GB free)
     python benchmarks/linear_ce.py --quick    # smaller sizes, a minute or two
-    python benchmarks/linear_ce.py --sizes 4096,512,32768   # one of the README's sizes
+    python benchmarks/linear_ce.py --sizes 4096,512,32768   # one of its sizes
+    python benchmarks/linear_ce.py --sizes 4096,512,32768 --no-bf16
+
+After the float32 table, the bf16 table (``--no-bf16`` skips it): the three
+gradient policies of ``LinearLogits(..., precision=...)`` at 16 and 64
+chunks, on tokamax's failing case (N, D, V = 1024, 256, 119548), each with
+its error against a float64 reference, its time and its compiled memory.
 """
 
 from __future__ import annotations
@@ -161,6 +167,61 @@ def measure(size, rounds: int):
     }
 
 
+PRECISION_SIZE = (1024, 256, 119548)  # tokamax's failing bf16 case: V a multiple of no block
+
+
+def large_logit_batch(n, d, v, seed=0):
+    """bf16 inputs whose kernel gradient cancels: a large shared hidden component, model targets."""
+    rng = np.random.default_rng(seed)
+    direction = rng.standard_normal(d)
+    hidden = jnp.asarray(30.0 * direction + rng.standard_normal((n, d)), jnp.bfloat16)
+    kernel = jnp.asarray(rng.standard_normal((d, v)) / np.sqrt(d), jnp.bfloat16)
+    logits = np.asarray(jnp.dot(hidden, kernel, preferred_element_type=jnp.float32), np.float64)
+    p = np.exp(logits - logits.max(-1, keepdims=True))
+    cdf = np.cumsum(p / p.sum(-1, keepdims=True), axis=-1)
+    targets = np.minimum((cdf < rng.random(n)[:, None]).sum(-1), v - 1).astype(np.int32)
+    return hidden, kernel, jnp.asarray(targets)
+
+
+def precision_table(size) -> None:
+    """bf16 inputs: each gradient policy's error against float64, its time and memory."""
+    n, d, v = size
+    hidden, kernel, targets = large_logit_batch(n, d, v)
+    with jax.enable_x64(True):
+        exact = jax.jit(jax.grad(
+            lambda h, k: jxent.softmax_cross_entropy(h @ k, targets, reduction="sum"), (0, 1)
+        ))(np.asarray(hidden, np.float64), np.asarray(kernel, np.float64))
+        exact = np.asarray(exact[1])
+    candidates = {("materialised", "—"): lambda h, k: jxent.softmax_cross_entropy(
+        jnp.dot(h, k, preferred_element_type=jnp.float32), targets, reduction="sum")}
+    for policy in ("accurate", "balanced", "compact"):
+        for chunks in (16, 64):
+            candidates[(f"fused {policy}", chunks)] = (
+                lambda h, k, p=policy, c=n // chunks: jxent.linear_cross_entropy(
+                    h, k, targets, reduction="sum", chunk_size=c, precision=p))
+    print()
+    print(f"bf16 hidden and kernel, N, D, V = {n}, {d}, {v} (large logits: hidden = 30·u + "
+          "noise, targets drawn from the model), reduction \"sum\"; errors of ∂/∂kernel "
+          "against float64 on the same bf16 values; one timed run after a warm-up")
+    print()
+    print("| gradient | chunks | time (s) | temp (MiB) | max abs error | ‖error‖ / ‖exact‖ "
+          "| entries beyond 5e-2 + 5e-2·abs(exact) |")
+    print("|---|---:|---:|---:|---:|---:|---:|")
+    for (name, chunks), loss in candidates.items():
+        compiled = jax.jit(jax.grad(loss, (0, 1))).lower(hidden, kernel).compile()
+        temp = compiled.memory_analysis().temp_size_in_bytes / 2**20
+        jax.block_until_ready(compiled(hidden, kernel))
+        start = time.perf_counter()
+        grads = jax.block_until_ready(compiled(hidden, kernel))
+        seconds = time.perf_counter() - start
+        error = np.abs(np.asarray(grads[1], np.float64) - exact)
+        rel = np.linalg.norm(error) / np.linalg.norm(exact)
+        beyond = int(np.sum(error > 5e-2 + 5e-2 * np.abs(exact)))
+        print(f"| {name} | {chunks} | {seconds:.2f} | {temp:.0f} | {error.max():.3g} "
+              f"| {rel:.2e} | {beyond} |", flush=True)
+        release_free_memory()
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="smaller sizes")
@@ -169,8 +230,9 @@ def main():
         "--sizes",
         type=lambda text: [tuple(int(x) for x in size.split(",")) for size in text.split(";")],
         default=None,
-        help='"N,D,V[;N,D,V...]": these sizes instead of the README\'s',
+        help='"N,D,V[;N,D,V...]": these sizes instead of the default ones',
     )
+    parser.add_argument("--no-bf16", action="store_true", help="skip the bf16 precision table")
     add_argument(parser)
     args = parser.parse_args()
     with report(args.update_docs):
@@ -210,6 +272,8 @@ def main():
             release_free_memory()
         # This process alone keeps about 2 busy; more means other work shared the CPU.
         print("1-minute load average before -> after each size: " + "; ".join(loads))
+        if not args.no_bf16:
+            precision_table((256, 64, 11959) if args.quick else PRECISION_SIZE)
 
 
 if __name__ == "__main__":

@@ -29,6 +29,7 @@ def linear_cross_entropy(
     reduction: str = "mean",
     chunk_size: int | None = None,
     vocab_axis_name: str | None = None,
+    precision: str = "accurate",
 ) -> Float[Array, "..."]:
     """Cross-entropy of ``softmax(hidden @ kernel + bias)`` without materialising the logits.
 
@@ -68,6 +69,9 @@ def linear_cross_entropy(
         (about 128 MiB of float32 logits at most: the rule and its
         measurements are in ``jxent._engine.default_chunk_size``). It changes
         speed and memory, not the result (beyond float rounding).
+      precision: the gradient's precision policy for bf16/f16 inputs,
+        ``"accurate"`` (default), ``"balanced"`` or ``"compact"``: see
+        :class:`LinearLogits`.
       vocab_axis_name: inside ``jax.shard_map``, the mesh axis along which
         ``kernel``, ``bias`` and ``class_weights`` are sharded (each shard
         holds ``V / shards`` consecutive classes, in order; ``targets`` hold
@@ -80,7 +84,8 @@ def linear_cross_entropy(
       A scalar, or ``[...]`` per-position losses for ``reduction="none"``, in
       float32 (float64 under ``jax_enable_x64`` for float64 inputs). The
       gradients of ``hidden``, ``kernel`` and ``bias`` come back in their own
-      dtypes (bf16 stays bf16; products and sums accumulate in float32).
+      dtypes (bf16 stays bf16); which operands are rounded on the way is the
+      ``precision`` policy's (by default none: float32 throughout).
 
     Transformations: ``jit``, ``grad``/``vjp``/``value_and_grad`` and ``vmap``.
     Forward mode (``jvp``, ``jacfwd``, ``hessian``) is not available: the
@@ -136,7 +141,7 @@ def linear_cross_entropy(
       >>> bool(jnp.allclose(g_fused, g_full, atol=1e-6))
       True
     """
-    logits = LinearLogits(hidden, kernel, bias, chunk_size=chunk_size)
+    logits = LinearLogits(hidden, kernel, bias, chunk_size=chunk_size, precision=precision)
     return softmax_cross_entropy(
         logits,
         targets,

@@ -12,6 +12,7 @@ import jax.numpy as jnp
 
 from ._checks import float_dtype
 from ._options import chunk_size as parse_chunk_size
+from ._options import precision as parse_precision
 
 __all__ = ["LinearLogits"]
 
@@ -39,6 +40,35 @@ class LinearLogits:
         default for the backend and sizes (``jxent._engine.default_chunk_size``,
         where the rule and its measurements live). It changes speed and memory,
         not the result (beyond float rounding).
+      precision: how the gradient is formed from bf16/f16 ``hidden`` and
+        ``kernel`` (static; float32 inputs are computed the same way under
+        every policy). The logits are always float32 products of the inputs
+        (float32 accumulation); then ``∂/∂logits`` (float32) goes into two
+        products, ``∂/∂hidden = g · kernelᵀ`` and ``∂/∂kernel = hiddenᵀ · g``,
+        and ``∂/∂kernel`` is summed over the chunks:
+
+        * ``"accurate"`` (default): ``g`` stays float32 in both products (the
+          bf16 operands are widened, exactly) and the kernel's gradient is
+          summed in float32: the gradients of the materialised call
+          ``softmax_cross_entropy(jnp.dot(hidden, kernel,
+          preferred_element_type=jnp.float32), ...)``, to its precision;
+        * ``"balanced"``: ``g`` is rounded to the inputs' dtype for the two
+          products (bf16 × bf16, float32 accumulation), the kernel's gradient
+          summed in float32 (jxent 0.3's only policy): 8 significant bits of
+          ``g``, an error that grows where the terms of ``hiddenᵀ · g``
+          cancel (large logits, peaked distributions);
+        * ``"compact"``: as ``"balanced"``, and the kernel's gradient summed
+          across chunks in the inputs' dtype (half the ``[D, V]`` carry):
+          its error grows with the number of chunks.
+
+        ``python benchmarks/linear_ce.py`` measures each against a float64
+        reference on tokamax's failing case, with its time and memory (its
+        bf16 table, ``docs/performance.md``). The default is ``"accurate"``
+        because it is the only one that keeps the materialised call's
+        gradients, and on CPU, where XLA computes bf16 products in float32
+        anyway, it is also the fastest (``"compact"``'s bf16 carry is slow
+        there); on an accelerator ``"balanced"`` trades 8 bits of ``g`` for
+        bf16 products.
 
     Inside ``shard_map`` with ``vocab_axis_name``, ``kernel`` and ``bias`` are
     this device's shard of the classes (``V / shards`` consecutive classes).
@@ -56,7 +86,10 @@ class LinearLogits:
       True
     """
 
-    def __init__(self, hidden, kernel, bias=None, *, chunk_size: int | None = None):
+    def __init__(
+        self, hidden, kernel, bias=None, *, chunk_size: int | None = None,
+        precision: str = "accurate",
+    ):
         hidden, kernel = jnp.asarray(hidden), jnp.asarray(kernel)
         for name, x in (("hidden", hidden), ("kernel", kernel)):
             if not jnp.issubdtype(x.dtype, jnp.floating):
@@ -80,18 +113,19 @@ class LinearLogits:
                     f"bias has shape {bias.shape} but kernel {kernel.shape} has "
                     f"{kernel.shape[1]} classes; expected ({kernel.shape[1]},)"
                 )
-        chunk_size = parse_chunk_size(chunk_size)
-        self.hidden, self.kernel, self.bias, self.chunk_size = hidden, kernel, bias, chunk_size
+        self.hidden, self.kernel, self.bias = hidden, kernel, bias
+        self.chunk_size = parse_chunk_size(chunk_size)
+        self.precision = parse_precision(precision)
 
     def tree_flatten(self):
-        return (self.hidden, self.kernel, self.bias), self.chunk_size
+        return (self.hidden, self.kernel, self.bias), (self.chunk_size, self.precision)
 
     @classmethod
-    def tree_unflatten(cls, chunk_size, children):
+    def tree_unflatten(cls, static, children):
         # No validation: JAX rebuilds pytrees with placeholders (tracers, None, objects).
         out = object.__new__(cls)
         out.hidden, out.kernel, out.bias = children
-        out.chunk_size = chunk_size
+        out.chunk_size, out.precision = static
         return out
 
     @property
@@ -115,11 +149,13 @@ class LinearLogits:
         """
         index = index if isinstance(index, tuple) else (index,)
         hidden = self.hidden[index + (slice(None),)]
-        return LinearLogits(hidden, self.kernel, self.bias, chunk_size=self.chunk_size)
+        return LinearLogits(
+            hidden, self.kernel, self.bias, chunk_size=self.chunk_size, precision=self.precision
+        )
 
     def __repr__(self) -> str:
         bias = "None" if self.bias is None else f"{tuple(self.bias.shape)}"
         return (
             f"LinearLogits(hidden={tuple(self.hidden.shape)}, kernel={tuple(self.kernel.shape)}, "
-            f"bias={bias}, chunk_size={self.chunk_size})"
+            f"bias={bias}, chunk_size={self.chunk_size}, precision={self.precision!r})"
         )

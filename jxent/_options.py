@@ -171,6 +171,14 @@ def static_int(value: Any, name: str, *, allow_none: bool = True) -> int | None:
     raise TypeError(f"{name} must be {what}, got {value!r}")
 
 
+PRECISIONS = ("accurate", "balanced", "compact")
+
+
+def precision(value: Any) -> str:
+    """``LinearLogits``' gradient precision policy (see its docstring)."""
+    return check_option(value, "precision", PRECISIONS)
+
+
 def chunk_size(value: Any) -> int | None:
     value = static_int(value, "chunk_size")
     if value is not None and value < 1:

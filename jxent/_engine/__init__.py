@@ -138,7 +138,8 @@ def _fused(core, logits, rows, counted, mode, options, trainable):
         out = core(dense, rows, counted, **options)
         return _loop.sums(out) if mode == "sum" else _unflatten(out, positions)
     chunks = [x.chunk_size for x in logits if isinstance(x, LinearLogits)]
-    plan = _loop.plan_for(core, members, counted, static, trainable, chunks)
+    precision = [x.precision if isinstance(x, LinearLogits) else None for x in logits]
+    plan = _loop.plan_for(core, members, counted, static, trainable, chunks, precision)
     if mesh_kind(members) == "auto":
         per_position, summed = partitioned_rules(tuple(chunks))
     else:

@@ -35,6 +35,10 @@ class Plan(NamedTuple):
     trainable: tuple
     positions: int
     ct_scale: float = 1.0  # the share of each output's cotangent this device differentiates
+    precision: tuple = ()  # per member: "accurate", "balanced" or "compact" (LinearLogits)
+
+    def policy(self, i: int) -> str:
+        return self.precision[i] if i < len(self.precision) else "accurate"
 
     def call(self, logits, rows, counted, arrays, *extra):
         """The core on one chunk, its static options and the traced ones (``arrays``) merged."""
@@ -118,7 +122,7 @@ def _accumulate_outer(d_kernel, h, g, acc):
     if jax.default_backend() != "cpu":
         # On an accelerator many small products starve the device; the one
         # [D, V] temporary is small next to what it replaces (N × V logits).
-        return d_kernel + jnp.dot(h.T, g, preferred_element_type=acc)
+        return d_kernel + jnp.dot(h.T, g, preferred_element_type=acc).astype(d_kernel.dtype)
     c, d = h.shape
     v = d_kernel.shape[1]
     width = min(v, max(1, min(v * c, _BLOCK_ELEMENTS) // d))
@@ -127,7 +131,7 @@ def _accumulate_outer(d_kernel, h, g, acc):
     def add_block(lo, d_kernel, size):
         part = jax.lax.dynamic_slice_in_dim(d_kernel, lo, size, axis=1)
         g_part = jax.lax.dynamic_slice_in_dim(g, lo, size, axis=1)
-        part = part + jnp.dot(h.T, g_part, preferred_element_type=acc)
+        part = part + jnp.dot(h.T, g_part, preferred_element_type=acc).astype(part.dtype)
         return jax.lax.dynamic_update_slice_in_dim(d_kernel, part, lo, axis=1)
 
     d_kernel = loop(full, lambda j, dk: add_block(j * width, dk, width), d_kernel)
@@ -136,19 +140,24 @@ def _accumulate_outer(d_kernel, h, g, acc):
     return d_kernel
 
 
-def grad_init(members, trainable):
-    """Zero gradients (``d_hidden``, ``d_kernel``, ``d_bias``) for each trainable member."""
+def grad_init(plan: Plan, members):
+    """Zero gradients (``d_hidden``, ``d_kernel``, ``d_bias``) for each trainable member.
+
+    The kernel's gradient, summed over chunks, is float32 (float64 under x64),
+    or the inputs' dtype under the ``"compact"`` policy.
+    """
     out = []
-    for member, train in zip(members, trainable, strict=True):
+    for i, (member, train) in enumerate(zip(members, plan.trainable, strict=True)):
         if not train:
             out.append(None)
             continue
         hidden, kernel, bias = member
         acc = float_dtype(hidden.dtype, kernel.dtype)
+        carry = jnp.result_type(hidden.dtype, kernel.dtype) if plan.policy(i) == "compact" else acc
         out.append(
             (
                 jnp.zeros(hidden.shape, acc),
-                jnp.zeros(kernel.shape, acc),
+                jnp.zeros(kernel.shape, carry),
                 None if bias is None else jnp.zeros(bias.shape, acc),
             )
         )
@@ -170,19 +179,29 @@ def _chunk_inputs(plan: Plan, i, members, rows, counted):
 
 
 def _add_grads(plan: Plan, inputs, members, d_logits, grads, start, fresh):
-    """The gradients of ``hidden`` rows, ``kernel`` and ``bias`` from each ``∂/∂logits``."""
+    """The gradients of ``hidden`` rows, ``kernel`` and ``bias`` from each ``∂/∂logits``.
+
+    ``g = ∂/∂logits`` is float32; the ``"balanced"`` and ``"compact"``
+    policies round it to the inputs' dtype for the two products (for
+    float32 inputs every policy is the same program).
+    """
     d_logits = iter(d_logits)
     new_grads = []
-    for (h, _), member, train, g_acc in zip(inputs, members, plan.trainable, grads, strict=True):
+    for i, ((h, _), member, train, g_acc) in enumerate(
+        zip(inputs, members, plan.trainable, grads, strict=True)
+    ):
         if not train:
             new_grads.append(None)
             continue
         _, kernel, _ = member
         d_hidden, d_kernel, d_bias = g_acc
-        acc = d_kernel.dtype
+        acc = d_hidden.dtype
         g_logits = next(d_logits)
-        g = g_logits.astype(jnp.result_type(h.dtype, kernel.dtype))
-        d_h = jnp.dot(g, kernel.T, preferred_element_type=acc)
+        if plan.policy(i) == "accurate":
+            g = g_logits.astype(acc)
+        else:
+            g = g_logits.astype(jnp.result_type(h.dtype, kernel.dtype))
+        d_h = jnp.dot(g, kernel.T.astype(g.dtype), preferred_element_type=acc)
         d_hidden = write(d_hidden, d_h, start, fresh)
         d_kernel = _accumulate_outer(d_kernel, h.astype(g.dtype), g, acc)
         if d_bias is not None:

@@ -109,7 +109,7 @@ def forward_backward(plan: Plan, members, rows, counted, arrays, ct):
 
     init = (
         _output_init(plan, members, rows, counted, arrays),
-        grad_init(members, plan.trainable),
+        grad_init(plan, members),
     )
     return loop(_num_chunks(plan), body, init)
 
@@ -122,7 +122,7 @@ def backward(plan: Plan, members, rows, counted, arrays, saved, ct):
     def body(i, grads):
         return pullback_step(plan, i, members, rows, counted, arrays, saved, ct, grads)
 
-    return loop(_num_chunks(plan), body, grad_init(members, plan.trainable))
+    return loop(_num_chunks(plan), body, grad_init(plan, members))
 
 
 def sums(out, axes: int = 1):
@@ -239,10 +239,11 @@ def rules(run):
 positions, summed = rules(work)
 
 
-def plan_for(core, members, counted, options: dict, trainable, chunk_sizes) -> Plan:
+def plan_for(core, members, counted, options: dict, trainable, chunk_sizes, precision) -> Plan:
     """The :class:`Plan` of a call: the chunk from the members' ``chunk_size`` or the default."""
     n = counted.shape[0]
     num_classes = sum(m[1].shape[1] if is_linear(m) else m.shape[1] for m in members)
     sizes = set(chunk_sizes) - {None}
     chunk = min(sizes) if sizes else default_chunk_size(n, num_classes)
-    return Plan(core, tuple(sorted(options.items())), max(1, min(chunk, n)), trainable, n)
+    return Plan(core, tuple(sorted(options.items())), max(1, min(chunk, n)), trainable, n,
+                precision=tuple(precision))

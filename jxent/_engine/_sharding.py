@@ -136,7 +136,7 @@ def _member_spec(x, linear: bool, layout: Layout, axis: int):
     if linear:
         bias = None if x.bias is None else P(vocab)
         children = (P(*layout.positions, None), P(None, vocab), bias)
-        return type(x).tree_unflatten(x.chunk_size, children)
+        return type(x).tree_unflatten(x.tree_flatten()[1], children)
     entries = list(layout.positions)
     entries.insert(axis % x.ndim, vocab)
     return P(*entries)
