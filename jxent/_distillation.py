@@ -29,23 +29,34 @@ from ._options import (
 from ._options import shift as parse_shift
 from ._positions import as_logits, token_targets
 from ._reduce import reduce, summed
-from ._vocab import ClassOps, shifted
+from ._vocab import ClassOps, scaled, shifted
 
 __all__ = ["distillation_loss"]
 
 
-def _divergence(ds, dt, divergence: str, beta, ops: ClassOps):
-    """Per-position divergence between ``s = softmax(ds)`` and ``t = softmax(dt)``."""
+def _divergence(student, teacher, divergence: str, beta, temperature, ops: ClassOps):
+    """Per-position divergence between ``s = softmax(ds)`` and ``t = softmax(dt)``.
+
+    ``student`` and ``teacher`` are ``(x, d, top)``: the logits (0 where not
+    kept), ``d = (x − top) / T`` and the per-position maximum ``top``.
+    """
+    (xs, ds, top_s), (xt, dt, top_t) = student, teacher
     s_inf, t_inf = ds == -jnp.inf, dt == -jnp.inf
     es, et = jnp.exp(ds), jnp.exp(dt)
     sum_s, sum_t = ops.sum(es), ops.sum(et)
+    if divergence in ("kl", "reverse_kl"):
+        # Σ_c t_c (log t_c − log s_c), each class's term formed before the weighted
+        # sum (as PyTorch's kl_div does, no cancellation at the end), with
+        # log t_c − log s_c = (xt_c − xs_c) / T − [(top_t − top_s) / T + log(St / Ss)]:
+        # one rounding of the logits' difference, and the normalisers as one log of
+        # their ratio (S in [1, V]), not a difference of two rounded logs of size log V.
+        if divergence == "reverse_kl":
+            (xs, es, sum_s, top_s, s_inf), (xt, et, sum_t, top_t, t_inf) = (
+                (xt, et, sum_t, top_t, t_inf), (xs, es, sum_s, top_s, s_inf))
+        row = scaled(top_t - top_s, temperature, xs.dtype)[..., 0] + jnp.log(sum_t / sum_s)
+        log_ratio = scaled(xt - xs, temperature, xs.dtype) - row[..., None]
+        return ops.sum(et * jnp.where(t_inf, 0, log_ratio)) / sum_t
     log_ss, log_st = jnp.log(sum_s), jnp.log(sum_t)
-    if divergence == "kl":  # Σ t (dt − ds) / St + log Ss − log St
-        diff = jnp.where(t_inf, 0, dt - ds)
-        return ops.sum(et * diff) / sum_t + (log_ss - log_st)
-    if divergence == "reverse_kl":  # Σ s (ds − dt) / Ss + log St − log Ss
-        diff = jnp.where(s_inf, 0, ds - dt)
-        return ops.sum(es * diff) / sum_s + (log_st - log_ss)
     # jsd: β KL(t‖m) + (1 − β) KL(s‖m), log m = logaddexp(log β + log t, log(1−β) + log s)
     log_s, log_t = ds - log_ss[..., None], dt - log_st[..., None]
     both = s_inf & t_inf
@@ -83,8 +94,11 @@ def distillation_core(logits, targets, counted, *, options: DistillationOptions,
     x, ds, top, _ = shifted(student, keep, temperature, ops, dtype)
     loss = jnp.zeros(counted.shape, dtype)
     if not is_static(alpha, 1.0):
-        _, dt, _, _ = shifted(teacher, keep, temperature, ops, dtype)
-        soft = nonnegative(_divergence(ds, dt, options.divergence, options.beta, ops))
+        xt, dt, top_t, _ = shifted(teacher, keep, temperature, ops, dtype)
+        soft = nonnegative(_divergence(
+            (jnp.where(keep, x, 0), ds, top), (jnp.where(keep, xt, 0), dt, top_t),
+            options.divergence, options.beta, temperature, ops,
+        ))
         loss = soft if targets is None else (1 - alpha) * soft
     if targets is not None and not is_static(alpha, 0.0):
         # Hinton's hard term: cross-entropy of the student at temperature 1,

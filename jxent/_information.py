@@ -258,9 +258,11 @@ def js_divergence(
 def _masked_log_softmax(logits: jax.Array, mask: jax.Array | None, axis: int):
     """``log_softmax`` over the kept entries; dropped and ``-inf`` entries get ``-inf``.
 
-    Returns ``(log_probs, probs, usable)``. Dropped entries are replaced before
-    any arithmetic (double ``where``), so masked NaN/inf never reach a value or
-    a gradient; a slice with nothing usable gives all-zero ``probs``. NaN in a
+    Returns ``(log_probs, probs, usable, parts)``, ``parts = (safe, top, total)``:
+    the logits with unusable entries 0, their maximum (no gradient) and
+    ``Σ exp(logits − top)``. Dropped entries are replaced before any
+    arithmetic (double ``where``), so masked NaN/inf never reach a value or a
+    gradient; a slice with nothing usable gives all-zero ``probs``. NaN in a
     kept entry is not hidden: it propagates.
     """
     usable = logits != -jnp.inf
@@ -274,7 +276,7 @@ def _masked_log_softmax(logits: jax.Array, mask: jax.Array | None, axis: int):
     exp = jnp.where(usable, jnp.exp(shifted), 0)
     total = jnp.where(any_usable, jnp.sum(exp, axis=axis, keepdims=True), 1)
     log_probs = jnp.where(usable, shifted - jnp.log(total), -jnp.inf)
-    return log_probs, exp / total, usable
+    return log_probs, exp / total, usable, (safe, top, total)
 
 
 def _logits(x, name: str, dtype=None) -> jax.Array:
@@ -320,7 +322,7 @@ def entropy_from_logits(
         raise ValueError("logits is a scalar; a distribution needs a class axis")
     axis = check_axis(axis, logits.ndim)
     mask = check_where(where, logits.shape, "where", "logits")
-    log_p, p, usable = _masked_log_softmax(logits, mask, axis)
+    log_p, p, usable, _ = _masked_log_softmax(logits, mask, axis)
     safe_log_p = jnp.where(usable, log_p, 0)
     return to_base(nonnegative(-jnp.sum(p * safe_log_p, axis=axis)), log_base)
 
@@ -372,17 +374,21 @@ def kl_divergence_from_logits(
     q_logits = jnp.broadcast_to(q_logits, shape)
     axis = check_axis(axis, len(shape), arg="p_logits")
     mask = check_where(where, shape, "where", "p_logits")
-    log_p, p, p_usable = _masked_log_softmax(p_logits, mask, axis)
-    log_q, _, q_usable = _masked_log_softmax(q_logits, mask, axis)
+    _, p, p_usable, (p_safe, p_top, p_total) = _masked_log_softmax(p_logits, mask, axis)
+    _, _, q_usable, (q_safe, q_top, q_total) = _masked_log_softmax(q_logits, mask, axis)
     # A class contributes p_c (log p_c − log q_c) only where p_c > 0 (an
     # underflowed p_c = 0, e.g. at a -1e9 mask logit, is 0 · anything = 0).
     # Where q_c = 0 < p_c the divergence is +inf: that part is a constant
     # added to the finite part, so the value is +inf while the gradient is
     # the finite part's (never NaN: inf − inf would arise in the softmax's
-    # Jacobian otherwise).
+    # Jacobian otherwise). Each class's log p_c − log q_c is one shifted
+    # difference, (x_p − x_q) − [(top_p − top_q) + log(S_p / S_q)]: the
+    # normalisers enter as the log of their ratio, not as two rounded logs.
     has_mass = p_usable & (p > 0)
     finite = has_mass & q_usable
-    terms = jnp.where(finite, p * (jnp.where(finite, log_p, 0) - jnp.where(finite, log_q, 0)), 0)
+    row = (p_top - q_top) + jnp.log(p_total / q_total)
+    diff = (jnp.where(finite, p_safe, 0) - jnp.where(finite, q_safe, 0)) - row
+    terms = jnp.where(finite, p * jnp.where(finite, diff, 0), 0)
     infinite = jnp.any(has_mass & ~q_usable, axis=axis)
     kl = nonnegative(jnp.sum(terms, axis=axis)) + jnp.where(infinite, jnp.inf, 0.0).astype(
         terms.dtype
