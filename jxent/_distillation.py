@@ -34,28 +34,29 @@ from ._vocab import ClassOps, scaled, shifted
 __all__ = ["distillation_loss"]
 
 
-def _divergence(student, teacher, divergence: str, beta, temperature, ops: ClassOps):
+def _divergence(student, teacher, keep, divergence: str, beta, temperature, ops: ClassOps):
     """Per-position divergence between ``s = softmax(ds)`` and ``t = softmax(dt)``.
 
-    ``student`` and ``teacher`` are ``(x, d, top)``: the logits (0 where not
-    kept), ``d = (x − top) / T`` and the per-position maximum ``top``.
+    ``student`` and ``teacher`` are ``(x, d, top)``: the logits, ``d = (x −
+    top) / T`` (0 where not kept) and the per-position maximum ``top``; ``keep``
+    the positions counted (elsewhere ``x`` may be anything, NaN included).
     """
     (xs, ds, top_s), (xt, dt, top_t) = student, teacher
     s_inf, t_inf = ds == -jnp.inf, dt == -jnp.inf
     es, et = jnp.exp(ds), jnp.exp(dt)
     sum_s, sum_t = ops.sum(es), ops.sum(et)
     if divergence in ("kl", "reverse_kl"):
-        # Σ_c t_c (log t_c − log s_c), each class's term formed before the weighted
-        # sum (as PyTorch's kl_div does, no cancellation at the end), with
-        # log t_c − log s_c = (xt_c − xs_c) / T − [(top_t − top_s) / T + log(St / Ss)]:
-        # one rounding of the logits' difference, and the normalisers as one log of
-        # their ratio (S in [1, V]), not a difference of two rounded logs of size log V.
+        # Σ_c t_c (log t_c − log s_c) = Σ_c t_c (xt_c − xs_c) / T − [(top_t − top_s) / T
+        # + log(St / Ss)]: one rounding of each class's logit difference (where 0.3
+        # subtracted two separately normalised logs of size log V), and the two
+        # normalisers as one log of their ratio (S in [1, V]). One pass over the
+        # classes: the weighted sum does not wait for the normalisers.
         if divergence == "reverse_kl":
             (xs, es, sum_s, top_s, s_inf), (xt, et, sum_t, top_t, t_inf) = (
                 (xt, et, sum_t, top_t, t_inf), (xs, es, sum_s, top_s, s_inf))
         row = scaled(top_t - top_s, temperature, xs.dtype)[..., 0] + jnp.log(sum_t / sum_s)
-        log_ratio = scaled(xt - xs, temperature, xs.dtype) - row[..., None]
-        return ops.sum(et * jnp.where(t_inf, 0, log_ratio)) / sum_t
+        diff = scaled(jnp.where(keep & ~t_inf, xt - xs, 0), temperature, xs.dtype)
+        return ops.sum(et * diff) / sum_t - row
     log_ss, log_st = jnp.log(sum_s), jnp.log(sum_t)
     # jsd: β KL(t‖m) + (1 − β) KL(s‖m), log m = logaddexp(log β + log t, log(1−β) + log s)
     log_s, log_t = ds - log_ss[..., None], dt - log_st[..., None]
@@ -96,8 +97,8 @@ def distillation_core(logits, targets, counted, *, options: DistillationOptions,
     if not is_static(alpha, 1.0):
         xt, dt, top_t, _ = shifted(teacher, keep, temperature, ops, dtype)
         soft = nonnegative(_divergence(
-            (jnp.where(keep, x, 0), ds, top), (jnp.where(keep, xt, 0), dt, top_t),
-            options.divergence, options.beta, temperature, ops,
+            (x, ds, top), (xt, dt, top_t), keep, options.divergence, options.beta,
+            temperature, ops,
         ))
         loss = soft if targets is None else (1 - alpha) * soft
     if targets is not None and not is_static(alpha, 0.0):
@@ -196,7 +197,8 @@ def distillation_loss(
         mismatched shapes.
 
     Examples:
-      >>> import jax.numpy as jnp, jxent
+      >>> import jax
+import jax.numpy as jnp, jxent
       >>> teacher = jnp.log(jnp.array([[0.5, 0.5], [0.9, 0.1]]))
       >>> student = jnp.log(jnp.array([[0.5, 0.5], [0.5, 0.5]]))
       >>> jxent.distillation_loss(student, teacher, shift=False, reduction="none")
