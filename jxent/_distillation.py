@@ -197,8 +197,7 @@ def distillation_loss(
         mismatched shapes.
 
     Examples:
-      >>> import jax
-import jax.numpy as jnp, jxent
+      >>> import jax.numpy as jnp, jxent
       >>> teacher = jnp.log(jnp.array([[0.5, 0.5], [0.9, 0.1]]))
       >>> student = jnp.log(jnp.array([[0.5, 0.5], [0.5, 0.5]]))
       >>> jxent.distillation_loss(student, teacher, shift=False, reduction="none")

@@ -78,8 +78,8 @@ def test_packed_rows_equal_each_document_scored_alone(rng, fused, shift):
         return total
 
     def both(f_packed, f_doc):
-        got = jax.value_and_grad(f_packed, (0, 1))(hidden, kernel)
-        want = jax.value_and_grad(alone(f_doc), (0, 1))(hidden, kernel)
+        got = jax.jit(jax.value_and_grad(f_packed, (0, 1)))(hidden, kernel)
+        want = jax.jit(jax.value_and_grad(alone(f_doc), (0, 1)))(hidden, kernel)
         close(got, want)
 
     nll = lambda x, t, **o: jxent.sequence_nll(x, t, shift=shift, **o)
@@ -90,9 +90,10 @@ def test_packed_rows_equal_each_document_scored_alone(rng, fused, shift):
     # nll_stats: the sums and counts of the documents.
     stats = jxent.nll_stats(as_logits(fused, hidden, kernel), tokens, shift=shift,
                             segment_ids=segments, where=where)
-    count = sum(float(jxent.nll_stats(as_logits(fused, hidden[r:r + 1, a:b], kernel),
-                                      tokens[r:r + 1, a:b], shift=shift).count)
-                for r, a, b in documents())
+    # A document's targets: its tokens from the shift-th on, less the ignored ones.
+    doc_count = {(r, a, b): int(np.sum(tokens[r, a + shift:b] != -100))
+                 for r, a, b in documents()}
+    count = sum(doc_count.values())
     assert float(stats.count) == count
     # "tokens": the sums over the documents divided by their counts.
     if count:
@@ -100,20 +101,16 @@ def test_packed_rows_equal_each_document_scored_alone(rng, fused, shift):
                               where=where) * count,
              lambda x, t: nll(x, t, normalize="sum"))
     # "sequences": each document's mean, then the mean over documents with a target.
-    docs_with_targets = [
-        (r, a, b) for r, a, b in documents()
-        if float(jxent.nll_stats(as_logits(fused, hidden[r:r + 1, a:b], kernel),
-                                 tokens[r:r + 1, a:b], shift=shift).count)
-    ]
+    docs_with_targets = [doc for doc, n in doc_count.items() if n]
     if docs_with_targets:
         def mean_of_means(h, k):
             means = [nll(as_logits(fused, h[r:r + 1, a:b], k), tokens[r:r + 1, a:b])
                      for r, a, b in docs_with_targets]
             return sum(means) / len(means)
-        got = jax.value_and_grad(
+        got = jax.jit(jax.value_and_grad(
             lambda h, k: nll(as_logits(fused, h, k), tokens, segment_ids=segments, where=where,
-                             normalize="sequences"), (0, 1))(hidden, kernel)
-        close(got, jax.value_and_grad(mean_of_means, (0, 1))(hidden, kernel))
+                             normalize="sequences"), (0, 1)))(hidden, kernel)
+        close(got, jax.jit(jax.value_and_grad(mean_of_means, (0, 1)))(hidden, kernel))
     # "none" and token_stats, per position: each document's values where it predicts
     # its own tokens, 0 where a position would predict across a boundary.
     per = nll(as_logits(fused, hidden, kernel), tokens, segment_ids=segments, where=where,
@@ -121,14 +118,21 @@ def test_packed_rows_equal_each_document_scored_alone(rng, fused, shift):
     stats = jxent.token_stats(as_logits(fused, hidden, kernel), tokens, shift=shift,
                               segment_ids=segments, where=where)
     assert per.shape == (B, T - shift) and stats.log_prob.shape == (B, T - shift)
+    long_docs = [(r, a, b) for r, a, b in documents() if b - a > shift]
+
+    @jax.jit
+    def each_alone(h, k):
+        out = []
+        for r, a, b in long_docs:
+            x = as_logits(fused, h[r:r + 1, a:b], k)
+            out.append((nll(x, tokens[r:r + 1, a:b], normalize="none")[0],
+                        jxent.token_stats(x, tokens[r:r + 1, a:b], shift=shift).log_prob[0]))
+        return out
+
     want_per = np.zeros((B, T - shift), np.float32)
     want_lp = np.zeros((B, T - shift), np.float32)
-    for r, a, b in documents():
-        if b - a > shift:
-            x = as_logits(fused, hidden[r:r + 1, a:b], kernel)
-            want_per[r, a:b - shift] = nll(x, tokens[r:r + 1, a:b], normalize="none")[0]
-            want_lp[r, a:b - shift] = jxent.token_stats(x, tokens[r:r + 1, a:b],
-                                                        shift=shift).log_prob[0]
+    for (r, a, b), (doc_per, doc_lp) in zip(long_docs, each_alone(hidden, kernel), strict=True):
+        want_per[r, a:b - shift], want_lp[r, a:b - shift] = doc_per, doc_lp
     close(per, want_per)
     close(stats.log_prob, want_lp)
     # token_objective: Σ fn over the documents, with its gradient.
@@ -171,8 +175,8 @@ def test_integer_shift_equals_slicing_by_hand(rng, fused, shift):
             label_smoothing=0.1,
         )
         scalar = (lambda f: f) if normalize != "none" else (lambda f: lambda *a: jnp.sum(f(*a)))
-        close(jax.value_and_grad(scalar(f), (0, 1))(hidden, kernel),
-              jax.value_and_grad(scalar(g), (0, 1))(hidden, kernel))
+        close(jax.jit(jax.value_and_grad(scalar(f), (0, 1)))(hidden, kernel),
+              jax.jit(jax.value_and_grad(scalar(g), (0, 1)))(hidden, kernel))
 
 
 def test_a_shift_longer_than_the_sequence_counts_nothing(rng):
