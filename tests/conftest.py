@@ -1,10 +1,11 @@
 """Strict mode for the whole suite: no silent rank promotion, seeded randomness.
 
-The quick tier, ``pytest -m "not slow"``, leaves out the tests marked
-``@pytest.mark.slow`` where they are defined (subprocesses and simulated
-meshes, notebooks, trained models, per-configuration sweeps of the fused
-engine, numerical gradient checks); ``pytest`` (what CI runs) runs everything.
-Measure the tiers with ``pytest -m "not slow" --durations=20``.
+The quick tier, ``pytest -m "not slow"`` (about a minute on 2 cores), leaves
+out the tests marked ``@pytest.mark.slow`` where they are defined (any test
+over about a second: subprocesses and simulated meshes, notebooks, trained
+models, sweeps of the fused engine, numerical gradient checks) and the
+doctests; ``pytest`` (what CI runs) runs everything. Measure the tiers with
+``pytest -m "not slow" --durations=20``.
 """
 
 import jax
@@ -12,6 +13,14 @@ import numpy as np
 import pytest
 
 jax.config.update("jax_numpy_rank_promotion", "raise")
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_collection_modifyitems(items):
+    """The doctests are documentation: checked in the full tier, not the quick one."""
+    for item in items:
+        if type(item).__name__ == "DoctestItem":
+            item.add_marker(pytest.mark.slow)
 
 
 @pytest.fixture

@@ -37,6 +37,7 @@ def batch(rng):
 # --------------------------------------------------------------------------- NLLStats
 
 
+@pytest.mark.slow
 def test_nll_stats_add_and_sum_combine_the_sums(rng, batch):
     logits, tokens = batch
     a = jxent.nll_stats(logits[:2], tokens[:2], shift=True)
@@ -157,6 +158,7 @@ def test_token_objective_args_are_aligned_with_the_predicted_positions(rng, batc
                               args=(per_position, np.zeros(B), column, 0.5))
 
 
+@pytest.mark.slow
 def test_token_objective_args_with_shift_two(rng, batch):
     logits, tokens = batch
     tokens = np.where(tokens < 0, 0, tokens)
@@ -169,6 +171,7 @@ def test_token_objective_args_with_shift_two(rng, batch):
 # --------------------------------------------------------------------------- distillation shift
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("shift", [1, 2])
 def test_distillation_shift_equals_slicing_by_hand(rng, shift):
     student = rng.standard_normal((B, T, V)).astype(np.float32)
@@ -198,6 +201,7 @@ def test_jsd_beta_error_names_the_limits_the_right_way_round():
             jxent.distillation_loss(s, t, shift=False, divergence="jsd", beta=beta)
 
 
+@pytest.mark.slow
 def test_jsd_near_its_limits_is_the_scaled_kl(rng):
     """β → 0 gives β·KL(t‖s) ("kl"); β → 1 gives (1 − β)·KL(s‖t) ("reverse_kl")."""
     s = rng.standard_normal((4, 7)).astype(np.float64)
@@ -216,6 +220,7 @@ def test_jsd_near_its_limits_is_the_scaled_kl(rng):
 # --------------------------------------------------------------------------- bf16
 
 
+@pytest.mark.slow
 def test_bf16_precision_is_lost_in_the_logits_not_in_jxent(rng):
     """bf16 logits formed outside jit carry bf16's rounding; LinearLogits keeps float32 logits.
 

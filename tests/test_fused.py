@@ -185,6 +185,7 @@ def test_token_objective(rng, shift):
     )
 
 
+@pytest.mark.slow
 def test_token_objective_masked_nan_rows_vmap_and_bf16(rng):
     hidden, kernel, bias, tokens, where, _ = draw(rng)
     tokens[0, 2] = 0
@@ -268,6 +269,7 @@ def test_distillation_teacher_gets_no_gradient(rng):
         )
 
 
+@pytest.mark.slow
 def test_traced_coefficients_pass_through_the_fused_path(rng):
     """label_smoothing and z_loss as traced scalars (schedules) give the static results."""
     hidden, kernel, bias, tokens, where, _ = draw(rng)
@@ -336,6 +338,7 @@ def test_tied_embedding_bf16_and_chunk_sizes(rng):
     assert got["bf16"][0][1][0].dtype == jnp.bfloat16  # gradients in the inputs' dtype
 
 
+@pytest.mark.slow
 def test_vmap_equals_batching(rng):
     hidden, kernel, bias, tokens, where, _ = draw(rng)
     f = lambda h, t, w: jxent.sequence_nll(

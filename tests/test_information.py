@@ -150,6 +150,7 @@ def supports(rng, shape):
     return p, (q / q.sum(-1, keepdims=True)).astype(np.float32)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("base", [None, 2, 10])
 def test_kl_divergence_matches_scipy(rng, base):
     p, q = supports(rng, (16, 9))
@@ -163,6 +164,7 @@ def test_kl_divergence_matches_scipy(rng, base):
     chex.assert_trees_all_close(by_entropy, by_rel_entr, atol=1e-12)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("base", [None, 2])
 def test_infinite_kl_and_cross_entropy_where_q_misses_mass(rng, base):
     p = simplex(rng, (32, 6), zeros=0.3)
@@ -187,6 +189,7 @@ def test_cross_entropy_matches_scipy(rng, base):
     chex.assert_trees_all_close(cross_entropy(p, q, base=base), expected.astype(np.float32), **TOL)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("base", [None, 2, 10])
 def test_js_divergence_matches_scipy(rng, base):
     p = simplex(rng, (16, 9), zeros=0.3)
@@ -227,6 +230,7 @@ def quantities(p, q):
     }
 
 
+@pytest.mark.slow
 @SETTINGS
 @given(p=distributions, q=full_support)
 def test_cross_entropy_is_entropy_plus_kl(p, q):
@@ -286,6 +290,7 @@ def test_from_logits_equal_probability_twins(rng, base):
     )
 
 
+@pytest.mark.slow
 def test_minus_inf_logits_are_zero_probability_classes(rng):
     logits = rng.normal(size=(5,)).astype(np.float32)
     with_dead = np.insert(logits, [1, 3], -np.inf)
@@ -308,6 +313,7 @@ def test_single_finite_logit_has_zero_entropy():
     np.testing.assert_array_equal(grad, 0.0)
 
 
+@pytest.mark.slow
 def test_kl_from_logits_with_minus_inf(rng):
     teacher = rng.normal(size=(6,)).astype(np.float32)
     student = rng.normal(size=(6,)).astype(np.float32)
@@ -359,6 +365,7 @@ def test_where_equals_slicing(rng, name):
     assert float(out[0]) == 0.0  # nothing kept
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", ["js_divergence", "kl_divergence_from_logits"])
 def test_where_broadcasts_like_numpy(rng, name):
     args = inputs(name, rng, (4, 6))
@@ -485,6 +492,7 @@ def test_cross_entropy_gradient_in_p_is_minus_log_q(rng):
         check_grads(lambda p: cross_entropy(p, f64(q)), (f64(p),), order=1, modes=("fwd", "rev"))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", PROBABILITY_FUNCTIONS)
 def test_no_nan_gradient_at_zeros(rng, name):
     p, q = supports(rng, (6, 5))
@@ -500,6 +508,7 @@ def test_no_nan_gradient_at_zeros(rng, name):
         np.testing.assert_array_equal(grads[0][p == 0], 0.0)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", ALL)
 def test_masked_entries_get_exactly_zero_gradient(rng, name):
     args = supports(rng, (6, 5))[: ARITY[name]] if name in PROBABILITY_FUNCTIONS else None
@@ -544,6 +553,7 @@ def test_forward_mode(rng, name):
             chex.assert_trees_all_close(hessian[i][j], hessian[j][i].T, atol=1e-5)
 
 
+@pytest.mark.slow
 def test_hessians_match_the_calculus(rng):
     p, q = (simplex(rng, (4,), floor=0.3) for _ in range(2))
 
@@ -640,6 +650,7 @@ def test_eager_probabilities_above_one_raise(value):
     assert float(jxent.information_content(1.0)) == 0.0
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", PROBABILITY_FUNCTIONS)
 def test_eager_check_ignores_masked_entries(name):
     # Masked entries may hold anything, negative numbers included, eagerly too.
@@ -699,6 +710,7 @@ def test_low_precision_is_computed_in_float32(rng, name):
     assert information_content(jnp.asarray(0.5, jnp.bfloat16)).dtype == jnp.float32
 
 
+@pytest.mark.slow
 def test_float64_is_honoured_under_x64(rng):
     p, q = supports(rng, (5, 7))
     p64, q64 = (f64(x) / f64(x).sum(-1, keepdims=True) for x in (p, q))
@@ -761,6 +773,7 @@ def test_clamping_keeps_the_gradient_of_the_formula(rng):
     close(got[1], -np.ones(3))  # ∂/∂q_c = −p_c / q_c
 
 
+@pytest.mark.slow
 def test_kl_from_logits_with_an_impossible_student_class():
     """q = 0 < p: +inf, never NaN, and every gradient finite (a batch mean stays usable)."""
     p_logits = jnp.array([[0.0, -1.0, 1.0], [0.0, -1e9, 1.0], [0.5, 0.0, -2.0]])

@@ -45,6 +45,7 @@ def cases():
                 yield v, scale, related
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("v, scale, related", list(cases()))
 def test_per_row_kl_error_is_at_most_pytorchs(v, scale, related):
     rng = np.random.default_rng(v + int(10 * scale) + related)
@@ -72,6 +73,7 @@ def test_per_row_kl_error_is_at_most_pytorchs(v, scale, related):
         assert error <= torch_error, (name, error, torch_error)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("v", [1271, 32000])
 def test_kl_gradient_error_is_at_most_pytorchs(v):
     rng = np.random.default_rng(v)

@@ -192,6 +192,7 @@ def test_all_targets_ignored(rng, reduction):
         np.testing.assert_array_equal(leaf, 0)
 
 
+@pytest.mark.slow
 def test_masked_rows_may_hold_nan(rng):
     """Padding rows of ``hidden`` full of NaN reach neither the value nor any gradient."""
     hidden, kernel, bias, targets = draw(rng)
@@ -350,6 +351,7 @@ def test_flax_nnx_linear_head_training_step(rng):
     assert_close(jax.tree.leaves(fused_params), jax.tree.leaves(want_params), rtol=1e-4)
 
 
+@pytest.mark.slow
 def test_out_of_range_targets(rng):
     """As ``softmax_cross_entropy``: eager ValueError; under jit a NaN loss at that position."""
     hidden, kernel, bias, targets = draw(rng)

@@ -55,11 +55,11 @@ def as_logits(fused, h, k):
     return LinearLogits(h, k, chunk_size=CHUNK) if fused else h @ k
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     "fused, shift",
-    [  # one case in the quick tier, the sweep in the slow one
-        pytest.param(fused, shift, id=f"{'fused' if fused else 'dense'}-{shift}",
-                     marks=() if (fused, shift) == (False, 1) else pytest.mark.slow)
+    [
+        pytest.param(fused, shift, id=f"{'fused' if fused else 'dense'}-{shift}")
         for fused in (False, True)
         for shift in (0, 1, 2, 3)
     ],
@@ -152,6 +152,7 @@ def test_cross_document_targets_change_the_loss(rng):
     assert float(without.count) - float(with_ids.count) == boundaries
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     "fused, shift",
     [
@@ -190,6 +191,7 @@ def test_a_shift_longer_than_the_sequence_counts_nothing(rng):
 # --------------------------------------------------------------------------- weights
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("fused", [False, True], ids=["dense", "fused"])
 def test_token_weights_match_a_float64_reference(rng, fused):
     _, tokens, where, hidden, kernel = packed(rng)
@@ -220,6 +222,7 @@ def test_token_weights_match_a_float64_reference(rng, fused):
         np.testing.assert_allclose(per, w * nll, rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.slow
 def test_weighted_stats_accumulate_exactly(rng):
     _, tokens, where, hidden, kernel = packed(rng)
     weights = rng.uniform(0.0, 3.0, (B, T)).astype(np.float32)
@@ -244,6 +247,7 @@ def test_weight_errors():
 # --------------------------------------------------------------------------- empty batches
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("fused", [False, True], ids=["dense", "fused"])
 def test_empty_batches_give_their_empty_result_with_every_option(rng, fused):
     """N = 0 positions: 0 for means and sums (zero gradient), empty per-position arrays."""

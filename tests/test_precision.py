@@ -82,6 +82,7 @@ def test_bf16_kernel_gradient_at_large_logits_and_an_unaligned_vocabulary():
     assert violations(fused("balanced")[1], exact[1]) > 0
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("precision", ["accurate", "balanced", "compact"])
 def test_policies_are_one_program_for_float32_inputs(rng, precision):
     """For float32 inputs every policy is the same computation: the same numbers."""
@@ -94,6 +95,7 @@ def test_policies_are_one_program_for_float32_inputs(rng, precision):
     chex.assert_trees_all_equal(g(precision), g("accurate"))
 
 
+@pytest.mark.slow
 def test_bf16_policies_order_by_precision(rng):
     """Against float64: accurate ≤ balanced ≤ compact, and compact's kernel gradient in bf16."""
     hidden = jnp.asarray(rng.standard_normal((256, 32)) * 3, jnp.bfloat16)

@@ -222,6 +222,7 @@ def test_ignore_index_custom_and_none(rng):
     close(everything, nll.mean(), 1e-6)
 
 
+@pytest.mark.slow
 def test_loss_options_are_those_of_softmax_cross_entropy(rng):
     """label_smoothing, z_loss, logit_softcap, class_weights: per token as in the core loss."""
     logits, tokens, where = draw(rng)
@@ -290,6 +291,7 @@ def test_perplexity_and_empty_stats():
     assert values == (0.0, 1.0, 0.0)
 
 
+@pytest.mark.slow
 def test_all_masked_and_masked_nonfinite_logits(rng):
     """Nothing counted: 0 for every normalisation with zero gradient; NaN/inf padding is inert."""
     logits, tokens, _ = draw(rng, pad=0.0)
@@ -452,6 +454,7 @@ def test_float_tokens_are_named_as_tokens_with_the_users_shape():
             f(logits, np.zeros((2, 4), np.float32), shift=True)
 
 
+@pytest.mark.slow
 def test_shift_with_a_single_position_is_empty_not_an_error():
     """T = 1 under ``shift=True`` has no target: 0 and a zero gradient, as for N = 0."""
     logits = np.ones((3, 1, 7), np.float32)

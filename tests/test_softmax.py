@@ -114,6 +114,7 @@ def test_integer_targets_equal_one_hot(rng, label_smoothing, weighted):
         close(out["mean", "int"], out["mean", "prob"])
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("probability", [False, True])
 def test_masked_equals_sliced(rng, probability):
     """``where`` drops whole positions: the same as never passing them, value and gradient."""
@@ -142,6 +143,7 @@ def test_masked_equals_sliced(rng, probability):
         assert np.all(g_masked[~mask] == 0)
 
 
+@pytest.mark.slow
 def test_ignore_index_equals_where(rng):
     """``ignore_index`` is turned into a mask: a custom value equals the same ``where``."""
     logits, targets, weights = draw(rng, (10, C))
@@ -195,6 +197,7 @@ def test_class_axis_equals_moveaxis(rng, axis):
         close(g_moved, np.moveaxis(np.asarray(g_plain), -1, axis))
 
 
+@pytest.mark.slow
 def test_vmap_equals_batching(rng):
     """vmap over a leading axis equals the batched call per position, and per-row means."""
     logits, targets, weights = draw(rng, (3, 4, C), ignored=0.25)
@@ -245,6 +248,7 @@ def plain_loss(x, targets, weights, mask, *, label_smoothing, z_loss, logit_soft
     return jnp.sum(jnp.where(mask, per, 0)) / jnp.sum(jnp.where(mask, w_t, 0))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     ("z_loss", "logit_softcap", "label_smoothing"),
     [(1e-2, None, 0.0), (0.0, 2.0, 0.0), (1e-3, 3.0, 0.1), (0.5, 1.0, 1.0)],
@@ -274,6 +278,7 @@ def test_z_loss_and_softcap_equal_plain_formula(rng, z_loss, logit_softcap, labe
     assert not np.isclose(ours[0], bare, rtol=1e-4)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("weighted", [False, True])
 @pytest.mark.parametrize("probability", [False, True])
 def test_gradient_is_weighted_softmax_minus_smoothed_target(rng, weighted, probability):
@@ -320,6 +325,7 @@ def test_gradient_is_weighted_softmax_minus_smoothed_target(rng, weighted, proba
         close(grad_mean, expected / denominator, 1e-5)
 
 
+@pytest.mark.slow
 def test_forward_mode_jvp_jacfwd_hessian(rng):
     """jvp, jacfwd and hessian work (NaN/inf masked rows included) and agree with reverse mode."""
     logits, targets, weights = draw(rng, ignored=0.0)
@@ -358,6 +364,7 @@ def test_forward_mode_jvp_jacfwd_hessian(rng):
 # Hostile input
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("how", ["ignore_index", "where", "probability"])
 def test_all_positions_masked_give_zero_and_zero_gradient(rng, how):
     """Nothing counted: loss 0 and gradient 0 (PyTorch's mean gives NaN; documented)."""
@@ -385,6 +392,7 @@ def test_all_positions_masked_give_zero_and_zero_gradient(rng, how):
         assert np.all(np.asarray(grad) == 0)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("probability", [False, True])
 def test_masked_nonfinite_logits_reach_neither_value_nor_gradient(rng, probability):
     """NaN and ±inf logits at masked positions: finite loss, exactly zero gradient there."""
@@ -458,6 +466,7 @@ def test_masked_nonfinite_logits_leave_the_class_weight_gradient_finite(rng, lab
     assert np.isfinite(tangent)
 
 
+@pytest.mark.slow
 def test_neg_inf_logit_is_a_zero_probability_class(rng):
     """A −inf logit whose class has target 0 contributes nothing: as if the class were absent."""
     logits, targets, _ = draw(rng)
@@ -544,6 +553,7 @@ def test_out_of_range_targets_under_jit_are_nan_never_wrapped(
     close(out["plain"][0][others], reference, 1e-5)
 
 
+@pytest.mark.slow
 def test_checkify_index_checks_find_out_of_range_targets(rng):
     """``checkify`` with ``index_checks`` reports the bad gather; valid and ignored ones pass."""
     logits, targets, weights = draw(rng, (N, 200))
@@ -569,6 +579,7 @@ def test_checkify_index_checks_find_out_of_range_targets(rng):
 # Validation
 
 
+@pytest.mark.slow
 def test_wrong_shapes_name_both_shapes():
     logits = np.zeros((4, 8, 10), np.float32)
     ints = np.zeros((4, 8), np.int32)
@@ -663,6 +674,7 @@ def test_huge_logits_give_correct_finite_values(rng):
     np.testing.assert_allclose(prob_value, ref, rtol=1e-5, atol=1e-2)
 
 
+@pytest.mark.slow
 def test_any_integer_target_dtype_is_accepted(rng):
     """int8/uint8/int16/int64/uint32 targets give the int32 result; -100 ignored where it fits."""
     logits, targets, weights = draw(rng)
@@ -733,6 +745,7 @@ def test_check_grads_over_logits_and_probability_targets(rng):
                                   atol=2e-2, rtol=2e-2)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("probability", [False, True])
 def test_zero_class_weights_keep_their_derivative(rng, probability):
     """∂/∂class_weights at an exact 0 weight equals autodiff of the plain formula."""
@@ -760,6 +773,7 @@ def _nan_gradient_rows(f, logits):
     return np.isnan(np.asarray(grad)).all(axis=-1)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("options", [{}, {"class_weights": True, **RICH}])
 @pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
 def test_out_of_range_targets_under_jit_have_a_nan_gradient(rng, options, reduction):
@@ -780,6 +794,7 @@ def test_out_of_range_targets_under_jit_have_a_nan_gradient(rng, options, reduct
         np.testing.assert_array_equal(bad, np.arange(N) == 2)
 
 
+@pytest.mark.slow
 def test_int64_targets_beyond_int32_are_refused_not_wrapped():
     """``2**32 + 3`` would become class 3 in JAX's int32: an eager error names it."""
     logits = np.zeros((2, 5), np.float32)
@@ -809,6 +824,7 @@ def test_large_logits_lose_no_digits():
     np.testing.assert_allclose(got, want, rtol=1e-5)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("scale", [50.0, 1e2, 1e3, 1e4])  # 50: the matvec branch
 @pytest.mark.parametrize("probability", [False, True])
 def test_precision_at_large_logits_is_no_worse_than_pytorch(rng, scale, probability):
@@ -848,6 +864,7 @@ def test_precision_at_large_logits_is_no_worse_than_pytorch(rng, scale, probabil
     assert error.max() <= bound, (error.max(), bound)
 
 
+@pytest.mark.slow
 def test_errors_name_the_argument_and_the_fix():
     logits = np.zeros((4, 10), np.float32)
     sce = jxent.softmax_cross_entropy
@@ -868,6 +885,7 @@ def test_errors_name_the_argument_and_the_fix():
         sce(np.zeros((4, 0, 3), np.float32), np.zeros((4, 3), np.int32), axis=1)
 
 
+@pytest.mark.slow
 def test_traced_ignore_index_says_to_make_it_static():
     logits = np.zeros((4, 10), np.float32)
     targets = np.int32([1, 2, -1, 3])
@@ -887,6 +905,7 @@ def test_traced_ignore_index_says_to_make_it_static():
         jxent.softmax_cross_entropy(logits, targets, ignore_index=1.5)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("probability", [False, True])
 def test_traced_label_smoothing_and_z_loss_equal_static_ones_without_recompiling(
     rng, probability

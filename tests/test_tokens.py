@@ -130,6 +130,7 @@ def draw(rng, shape=(B, T), vocab=V, scale=2.0):
 # --------------------------------------------------------------------------- token_stats
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("shift", [True, False])
 def test_token_stats_match_numpy_with_temperature_mask_and_shift(rng, shift):
     logits, tokens, where = draw(rng)
@@ -158,6 +159,7 @@ def test_token_stats_match_numpy_with_temperature_mask_and_shift(rng, shift):
     assert expected[3].any()
 
 
+@pytest.mark.slow
 def test_sum_of_log_probs_is_minus_the_sequence_nll(rng):
     logits, tokens, where = draw(rng)
     for shift in (True, False):
@@ -191,6 +193,7 @@ def test_entropy_is_never_negative_but_keeps_its_gradient():
     assert np.all(np.isfinite(grad)) and np.any(np.asarray(grad) != 0)
 
 
+@pytest.mark.slow
 def test_masked_positions_are_zero_with_zero_gradient_even_for_nan_and_inf(rng):
     logits, tokens, where = draw(rng)
     where[:, 2] = False
@@ -213,6 +216,7 @@ def test_masked_positions_are_zero_with_zero_gradient_even_for_nan_and_inf(rng):
     close(stats, jax.jit(lambda x: objective(x)[1])(clean))
 
 
+@pytest.mark.slow
 def test_minus_inf_logits_at_counted_positions_are_zero_probability_classes(rng):
     logits, tokens, _ = draw(rng, shape=(4,))
     logits[:, [1, 4]] = -np.inf
@@ -250,6 +254,7 @@ def test_check_grads_forward_and_reverse(rng):
         check_grads(jax.jit(fields), (logits, 1.3), order=1, modes=("fwd", "rev"))
 
 
+@pytest.mark.slow
 def test_forward_mode_matches_reverse_mode(rng):
     logits, tokens, where = draw(rng)
     tangent = rng.standard_normal(logits.shape).astype(np.float32)
@@ -263,6 +268,7 @@ def test_forward_mode_matches_reverse_mode(rng):
     close(jvp, jnp.vdot(grad, tangent), tol=1e-4)
 
 
+@pytest.mark.slow
 def test_vmap_equals_batched(rng):
     logits, tokens, where = draw(rng)
     f = lambda x, y, w: jxent.token_stats(x, y, shift=True, where=w, temperature=2.0)
@@ -278,6 +284,7 @@ def test_bf16_logits_are_computed_in_float32(rng):
     close(got, f(np.asarray(low, np.float32)))
 
 
+@pytest.mark.slow
 def test_out_of_range_tokens_raise_eagerly_and_are_nan_under_jit(rng):
     logits, tokens, where = draw(rng)
     tokens[1, 3] = V
@@ -318,6 +325,7 @@ def _clipped(log_prob, entropy, advantage, old, xp=jnp):
     return -clipped - 0.01 * entropy
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("shift", [True, False])
 def test_token_objective_matches_numpy_and_the_explicit_sum(rng, shift):
     logits, tokens, where = draw(rng)
@@ -348,6 +356,7 @@ def test_token_objective_matches_numpy_and_the_explicit_sum(rng, shift):
     close(jax.value_and_grad(objective)(logits), jax.value_and_grad(explicit)(logits))
 
 
+@pytest.mark.slow
 def test_token_objective_masks_args_and_gradients(rng):
     logits, tokens, where = draw(rng)
     where[:, 2] = False
@@ -484,6 +493,7 @@ def test_ignore_index_drops_the_position_from_both_terms_and_the_denominator(rng
     close(f(dropped, np.ones((B, T), bool)), f(targets, mask))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("divergence", ["kl", "reverse_kl", "jsd"])
 def test_student_gradient_matches_float64_finite_differences(rng, divergence):
     student, teacher, where, targets = draw_pair(rng, shape=(3,), vocab=5)
@@ -527,6 +537,7 @@ def test_distillation_check_grads_forward_and_reverse(rng):
         check_grads(jax.jit(f), (student, 0.8), order=1, modes=("fwd", "rev"))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("beta", [0.1, 0.5, 0.9])
 def test_jsd_equals_trls_generalized_jsd_loss(rng, beta):
     """TRL (``GKDTrainer.generalized_jsd_loss``, 0 < β < 1), written out in PyTorch.
@@ -565,6 +576,7 @@ def test_jsd_equals_trls_generalized_jsd_loss(rng, beta):
     close(got, trl)
 
 
+@pytest.mark.slow
 def test_kl_of_a_distribution_to_itself_is_zero_and_jsd_is_at_most_log_2(rng):
     student, _, _, _ = draw_pair(rng)
     f = jax.jit(
@@ -583,6 +595,7 @@ def test_kl_of_a_distribution_to_itself_is_zero_and_jsd_is_at_most_log_2(rng):
     assert np.all(np.asarray(random) <= math.log(2))
 
 
+@pytest.mark.slow
 def test_teacher_gets_no_gradient(rng):
     student, teacher, where, targets = draw_pair(rng)
 
@@ -607,6 +620,7 @@ def test_teacher_gets_no_gradient(rng):
         assert np.any(np.asarray(g_student) != 0)
 
 
+@pytest.mark.slow
 def test_a_class_impossible_under_both_contributes_nothing(rng):
     """−inf in both logits at a class: finite, no NaN, and equal to dropping the class."""
     student, teacher, where, targets = draw_pair(rng)
@@ -661,6 +675,7 @@ def test_masked_nan_logits_reach_neither_value_nor_gradient(rng):
     close(value, distillation_np(clean_s, clean_t, divergence="jsd", where=where))
 
 
+@pytest.mark.slow
 def test_distillation_vmap_forward_mode_and_all_masked(rng):
     student, teacher, where, _ = draw_pair(rng)
     f = lambda s, t, w: jxent.distillation_loss(

@@ -207,6 +207,7 @@ def test_model_conditionals_reach_the_count_ratios(trained, variant):
     )
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("variant", VARIANTS)
 def test_summed_nll_is_minus_the_log_likelihood(trained, variant):
     data, loss_fn, events, shape, fit = trained[variant]
@@ -249,6 +250,7 @@ def test_learned_probabilities_are_count_ratios(trained):
 # --------------------------------------------------------------------------- training loop
 
 
+@pytest.mark.slow
 def test_train_step_is_traced_once_and_reports_progress():
     data, loss_fn, _, shape = _setup("translation", size=50)
     seen = []
@@ -275,6 +277,7 @@ def test_retracing_would_be_caught():
         step(jnp.zeros(3))
 
 
+@pytest.mark.slow
 def test_apply_is_a_row_lookup_and_lm_loss_is_sequence_nll(rng):
     params = {"logits": jnp.asarray(rng.normal(size=(V, V)), jnp.float32)}
     corpus = toy.sample_corpus(2, 8)
@@ -287,6 +290,7 @@ def test_apply_is_a_row_lookup_and_lm_loss_is_sequence_nll(rng):
     chex.assert_trees_all_close(_jit(toy.lm_loss, "sum")(params, corpus), expected)
 
 
+@pytest.mark.slow
 def test_generate_follows_the_trained_model(trained):
     _, _, events, shape, fit = trained["lm"]
     samples = np.asarray(toy.generate(fit.params, jax.random.key(0), 64))
@@ -301,6 +305,7 @@ def test_generate_follows_the_trained_model(trained):
                 assert counts[prev, nxt] > 0
 
 
+@pytest.mark.slow
 def test_toy_is_reachable_from_import_jxent_and_imported_lazily():
     """``jxent.toy`` works after ``import jxent``, which does not import it (nor optax)."""
     code = (
