@@ -6,6 +6,8 @@
 ``LinearLogits(hidden, kernel)`` (fused). The four candidates run alternately
 in one process, the order rotating every round; each ratio is the median of
 the per-round ratios of the same path with and without ids. Target: ≤ 1.02.
+The compiled programs are compared too: the ids add instructions on ``[B, T]``
+arrays and none on ``[·, V]`` ones, so a ratio away from 1 is the machine's noise.
 
     python benchmarks/packed.py               # B, T, D, V = 8, 512, 512, 32768
     python benchmarks/packed.py --quick
@@ -16,6 +18,7 @@ from __future__ import annotations
 import argparse
 import os
 import platform
+import re
 import statistics
 import sys
 import time
@@ -53,6 +56,12 @@ def main() -> None:
             return jxent.sequence_nll(logits, tokens, shift=True, where=mask, segment_ids=ids)
         return jax.jit(jax.value_and_grad(f, (0, 1)))
 
+    def instructions(step):
+        """(all instructions, those on [·, V] arrays) of the compiled program."""
+        lines = [line for line in step.lower(hidden, kernel).compile().as_text().splitlines()
+                 if " = " in line]
+        return len(lines), sum(bool(re.search(rf"\[\d+,{v}\]", line)) for line in lines)
+
     cases = {
         (path, ids is not None): loss(path == "fused", ids)
         for path in ("dense", "fused")
@@ -84,6 +93,12 @@ def main() -> None:
             ratio = statistics.median(a / b for a, b in zip(with_ids, without, strict=True))
             print(f"| {path} | {statistics.median(without) * 1e3:.0f} "
                   f"| {statistics.median(with_ids) * 1e3:.0f} | {ratio:.3f} |")
+        print()
+        print("What the ids add to the compiled program (instructions; those on [·, V] arrays):")
+        print()
+        for path in ("dense", "fused"):
+            (n0, v0), (n1, v1) = (instructions(cases[(path, ids)]) for ids in (False, True))
+            print(f"* {path}: {n0} → {n1} instructions; on [·, V] arrays {v0} → {v1}")
 
 
 if __name__ == "__main__":
