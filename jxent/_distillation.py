@@ -51,12 +51,14 @@ def _divergence(student, teacher, keep, divergence: str, beta, temperature, ops:
         # subtracted two separately normalised logs of size log V), and the two
         # normalisers as one log of their ratio (S in [1, V]). One pass over the
         # classes: the weighted sum does not wait for the normalisers.
-        if divergence == "reverse_kl":
-            (xs, es, sum_s, top_s, s_inf), (xt, et, sum_t, top_t, t_inf) = (
-                (xt, et, sum_t, top_t, t_inf), (xs, es, sum_s, top_s, s_inf))
-        row = scaled(top_t - top_s, temperature, xs.dtype)[..., 0] + jnp.log(sum_t / sum_s)
-        diff = scaled(jnp.where(keep & ~t_inf, xt - xs, 0), temperature, xs.dtype)
-        return ops.sum(et * diff) / sum_t - row
+        # KL(p‖q): p the teacher for "kl", the student for "reverse_kl".
+        teacher_first = divergence == "kl"
+        (xp, ep, sum_p, top_p, p_inf), (xq, sum_q, top_q) = (
+            ((xt, et, sum_t, top_t, t_inf), (xs, sum_s, top_s)) if teacher_first
+            else ((xs, es, sum_s, top_s, s_inf), (xt, sum_t, top_t)))
+        row = scaled(top_p - top_q, temperature, xs.dtype)[..., 0] + jnp.log(sum_p / sum_q)
+        diff = scaled(jnp.where(keep & ~p_inf, xp - xq, 0), temperature, xs.dtype)
+        return ops.sum(ep * diff) / sum_p - row
     log_ss, log_st = jnp.log(sum_s), jnp.log(sum_t)
     # jsd: β KL(t‖m) + (1 − β) KL(s‖m), log m = logaddexp(log β + log t, log(1−β) + log s)
     log_s, log_t = ds - log_ss[..., None], dt - log_st[..., None]

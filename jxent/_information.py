@@ -386,9 +386,10 @@ def kl_divergence_from_logits(
     # normalisers enter as the log of their ratio, not as two rounded logs.
     has_mass = p_usable & (p > 0)
     finite = has_mass & q_usable
+    # safe logits (unusable entries 0) and totals in [1, V]: the difference is
+    # finite everywhere, so one where keeps the classes that count.
     row = (p_top - q_top) + jnp.log(p_total / q_total)
-    diff = (jnp.where(finite, p_safe, 0) - jnp.where(finite, q_safe, 0)) - row
-    terms = jnp.where(finite, p * jnp.where(finite, diff, 0), 0)
+    terms = jnp.where(finite, p * ((p_safe - q_safe) - row), 0)
     infinite = jnp.any(has_mass & ~q_usable, axis=axis)
     kl = nonnegative(jnp.sum(terms, axis=axis)) + jnp.where(infinite, jnp.inf, 0.0).astype(
         terms.dtype
