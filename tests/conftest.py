@@ -19,7 +19,7 @@ jax.config.update("jax_numpy_rank_promotion", "raise")
 def pytest_collection_modifyitems(items):
     """The doctests are documentation: checked in the full tier, not the quick one."""
     for item in items:
-        if type(item).__name__ == "DoctestItem":
+        if isinstance(item, pytest.DoctestItem):
             item.add_marker(pytest.mark.slow)
 
 
