@@ -60,7 +60,7 @@ def main() -> None:
         """(all instructions, those on [·, V] arrays) of the compiled program."""
         lines = [line for line in step.lower(hidden, kernel).compile().as_text().splitlines()
                  if " = " in line]
-        return len(lines), sum(bool(re.search(rf"\[\d+,{v}\]", line)) for line in lines)
+        return len(lines), sum(bool(re.search(rf"\[(?:\d+,)+{v}\]", line)) for line in lines)
 
     cases = {
         (path, ids is not None): loss(path == "fused", ids)
