@@ -29,7 +29,7 @@ def linear_cross_entropy(
     reduction: str = "mean",
     chunk_size: int | None = None,
     vocab_axis_name: str | None = None,
-    precision: str = "accurate",
+    precision: str | None = None,
 ) -> Float[Array, "..."]:
     """Cross-entropy of ``softmax(hidden @ kernel + bias)`` without materialising the logits.
 
@@ -65,13 +65,14 @@ def linear_cross_entropy(
       logit_softcap: ``c`` replaces the logits with ``c · tanh(z / c)`` first.
       reduction: ``"mean"`` (÷ the targets' total weight), ``"sum"`` or
         ``"none"`` (per position, 0 where not counted).
-      chunk_size: positions per chunk; ``None`` takes the engine's default
-        (about 128 MiB of float32 logits at most: the rule and its
-        measurements are in ``jxent._engine.default_chunk_size``). It changes
+      chunk_size: positions per chunk; ``None`` takes the default of the
+        platform lowered for (at most 128 MiB of float32 logits on CPU, 2 GiB
+        on GPU/TPU: the rule and its arithmetic are in
+        ``jxent._engine.default_chunk_size``). It changes
         speed and memory, not the result (beyond float rounding).
-      precision: the gradient's precision policy for bf16/f16 inputs,
-        ``"accurate"`` (default), ``"balanced"`` or ``"compact"``: see
-        :class:`LinearLogits`.
+      precision: the products' policy for bf16/f16 inputs, ``None`` (the
+        platform's: ``"accurate"`` on CPU, ``"balanced"`` on GPU/TPU),
+        ``"accurate"``, ``"balanced"`` or ``"compact"``: see :class:`LinearLogits`.
       vocab_axis_name: inside ``jax.shard_map``, the mesh axis along which
         ``kernel``, ``bias`` and ``class_weights`` are sharded (each shard
         holds ``V / shards`` consecutive classes, in order; ``targets`` hold
@@ -85,7 +86,7 @@ def linear_cross_entropy(
       float32 (float64 under ``jax_enable_x64`` for float64 inputs). The
       gradients of ``hidden``, ``kernel`` and ``bias`` come back in their own
       dtypes (bf16 stays bf16); which operands are rounded on the way is the
-      ``precision`` policy's (by default none: float32 throughout).
+      ``precision`` policy's (by default on CPU none: float32 throughout).
 
     Transformations: ``jit``, ``grad``/``vjp``/``value_and_grad`` and ``vmap``.
     Forward mode (``jvp``, ``jacfwd``, ``hessian``) is not available: the

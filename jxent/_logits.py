@@ -40,35 +40,37 @@ class LinearLogits:
         default for the backend and sizes (``jxent._engine.default_chunk_size``,
         where the rule and its measurements live). It changes speed and memory,
         not the result (beyond float rounding).
-      precision: how the gradient is formed from bf16/f16 ``hidden`` and
+      precision: how the products are formed from bf16/f16 ``hidden`` and
         ``kernel`` (static; float32 inputs are computed the same way under
-        every policy). The logits are always float32 products of the inputs
-        (float32 accumulation); then ``∂/∂logits`` (float32) goes into two
+        every policy). The logits are a product of the inputs with float32
+        accumulation; then ``g = ∂/∂logits`` (float32) goes into two
         products, ``∂/∂hidden = g · kernelᵀ`` and ``∂/∂kernel = hiddenᵀ · g``,
         and ``∂/∂kernel`` is summed over the chunks:
 
-        * ``"accurate"`` (default): ``g`` stays float32 in both products (the
-          bf16 operands are widened, exactly) and the kernel's gradient is
-          summed in float32: the gradients of the materialised call
-          ``softmax_cross_entropy(jnp.dot(hidden, kernel,
-          preferred_element_type=jnp.float32), ...)``, to its precision;
+        * ``None`` (default): the policy of the platform the program is
+          lowered for (``jxent._engine.default_precision``): ``"accurate"``
+          on CPU, ``"balanced"`` on GPU and TPU;
+        * ``"accurate"``: ``g`` stays float32 in both products (the bf16
+          operands widened, exactly) and the kernel's gradient is summed in
+          float32. On CPU these are float32 products, the gradients of the
+          materialised ``softmax_cross_entropy(jnp.dot(hidden, kernel,
+          preferred_element_type=jnp.float32), ...)``; on a GPU float32
+          products run as TF32 at the default matmul precision, on a TPU as
+          one bf16 pass: ask for ``jax.default_matmul_precision("highest")``
+          to get float32 there;
         * ``"balanced"``: ``g`` is rounded to the inputs' dtype for the two
-          products (bf16 × bf16, float32 accumulation), the kernel's gradient
-          summed in float32 (jxent 0.3's only policy): 8 significant bits of
-          ``g``, an error that grows where the terms of ``hiddenᵀ · g``
-          cancel (large logits, peaked distributions);
+          products (bf16 × bf16, float32 accumulation, no float32 copy of the
+          kernel), the kernel's gradient summed in float32: the products of
+          the materialised bf16 program (``hidden @ kernel``) on a GPU or TPU,
+          with 8 significant bits of ``g``, an error that grows where the
+          terms of ``hiddenᵀ · g`` cancel (large logits, peaked distributions);
         * ``"compact"``: as ``"balanced"``, and the kernel's gradient summed
           across chunks in the inputs' dtype (half the ``[D, V]`` carry):
           its error grows with the number of chunks.
 
-        ``python benchmarks/linear_ce.py`` measures each against a float64
-        reference on tokamax's failing case, with its time and memory (its
-        bf16 table, ``docs/performance.md``). The default is ``"accurate"``
-        because it is the only one that keeps the materialised call's
-        gradients, and on CPU, where XLA computes bf16 products in float32
-        anyway, it is also the fastest (``"compact"``'s bf16 carry is slow
-        there); on an accelerator ``"balanced"`` trades 8 bits of ``g`` for
-        bf16 products.
+        ``docs/precision.md`` has each policy's products per backend and its
+        error against float64 on tokamax's failing case next to the
+        materialised program's (``python benchmarks/linear_ce.py``).
 
     Inside ``shard_map`` with ``vocab_axis_name``, ``kernel`` and ``bias`` are
     this device's shard of the classes (``V / shards`` consecutive classes).
@@ -88,7 +90,7 @@ class LinearLogits:
 
     def __init__(
         self, hidden, kernel, bias=None, *, chunk_size: int | None = None,
-        precision: str = "accurate",
+        precision: str | None = None,
     ):
         hidden, kernel = jnp.asarray(hidden), jnp.asarray(kernel)
         for name, x in (("hidden", hidden), ("kernel", kernel)):
@@ -115,7 +117,7 @@ class LinearLogits:
                 )
         self.hidden, self.kernel, self.bias = hidden, kernel, bias
         self.chunk_size = parse_chunk_size(chunk_size)
-        self.precision = parse_precision(precision)
+        self.precision = None if precision is None else parse_precision(precision)
 
     def tree_flatten(self):
         return (self.hidden, self.kernel, self.bias), (self.chunk_size, self.precision)

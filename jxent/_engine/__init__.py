@@ -30,11 +30,11 @@ import jax.numpy as jnp
 from .._logits import LinearLogits
 from . import _loop
 from ._chunk import Rule
-from ._loop import default_chunk_size
+from ._loop import default_chunk_size, default_precision
 from ._partition import partitioned_rules
 from ._sharding import mesh_kind, run_explicit
 
-__all__ = ["Rule", "default_chunk_size", "run"]
+__all__ = ["Rule", "default_chunk_size", "default_precision", "run"]
 
 
 def _split(options: dict):

@@ -27,18 +27,24 @@ _BLOCK_ELEMENTS = 1 << 22
 
 
 class Plan(NamedTuple):
-    """The static part of one fused call (hashable: a ``nondiff_argnums`` argument)."""
+    """The static part of one fused call (hashable: a ``nondiff_argnums`` argument).
+
+    ``chunk`` None and a ``precision`` entry None stand for the defaults of
+    the platform the program is lowered for: :func:`jxent._engine._loop.work`
+    fills them in, and ``blocks``, for each platform before any chunk is formed.
+    """
 
     core: Callable
     options: tuple
-    chunk: int
+    chunk: int | None
     trainable: tuple
     positions: int
     ct_scale: float = 1.0  # the share of each output's cotangent this device differentiates
-    precision: tuple = ()  # per member: "accurate", "balanced" or "compact" (LinearLogits)
+    precision: tuple = ()  # per member: "accurate", "balanced", "compact" or None (LinearLogits)
+    blocks: tuple = ()  # per member: the class block of ``hᵀ · g`` (None: one product)
 
     def policy(self, i: int) -> str:
-        return self.precision[i] if i < len(self.precision) else "accurate"
+        return (self.precision[i] if i < len(self.precision) else None) or "accurate"
 
     def call(self, logits, rows, counted, arrays, *extra):
         """The core on one chunk, its static options and the traced ones (``arrays``) merged."""
@@ -110,28 +116,40 @@ def write(out, value, start, fresh):
     return jax.lax.dynamic_update_slice_in_dim(out, jnp.where(fresh, value, old), start, 0)
 
 
-def _accumulate_outer(d_kernel, h, g, acc):
-    """``d_kernel + h.T @ g`` for ``h [C, D]`` and ``g [C, V]``, updated in place.
+def _product(a, b, contract: tuple[int, int], acc):
+    """``a · b`` over axes ``contract`` of each, accumulated in ``acc``: no transposed copy."""
+    dims = (((contract[0],), (contract[1],)), ((), ()))
+    return jax.lax.dot_general(a, b, dims, preferred_element_type=acc)
+
+
+def outer_block(chunk: int, features: int, classes: int, platform: str) -> int | None:
+    """The block of classes in which ``hᵀ · g`` is added into the kernel's gradient.
 
     One ``[D, V]`` product would need a second ``[D, V]`` buffer before the
-    addition. A loop over blocks of classes (a loop: XLA computes unrolled
-    products up front and holds them all) bounds that buffer by the smaller
-    of one chunk's logits and ``_BLOCK_ELEMENTS`` (16 MiB in float32), which
-    measured as fast as one product on CPU. On GPU/TPU it is one product.
+    addition. On CPU a loop over blocks of classes (a loop: XLA computes
+    unrolled products up front and holds them all) bounds that buffer by the
+    smaller of one chunk's logits and ``_BLOCK_ELEMENTS`` (16 MiB in float32),
+    which measured as fast as one product there. On GPU/TPU it is one
+    product (None): many small products starve the device, and the one
+    ``[D, V]`` temporary is small next to what it replaces (``N × V`` logits).
     """
-    if jax.default_backend() != "cpu":
-        # On an accelerator many small products starve the device; the one
-        # [D, V] temporary is small next to what it replaces (N × V logits).
-        return d_kernel + jnp.dot(h.T, g, preferred_element_type=acc).astype(d_kernel.dtype)
-    c, d = h.shape
+    if platform != "cpu":
+        return None
+    width = min(classes, max(1, min(classes * chunk, _BLOCK_ELEMENTS) // features))
+    return None if width == classes else width
+
+
+def _accumulate_outer(d_kernel, h, g, acc, width: int | None):
+    """``d_kernel + h.T @ g`` for ``h [C, D]`` and ``g [C, V]``, updated in place."""
+    if width is None:
+        return d_kernel + _product(h, g, (0, 0), acc).astype(d_kernel.dtype)
     v = d_kernel.shape[1]
-    width = min(v, max(1, min(v * c, _BLOCK_ELEMENTS) // d))
     full = v // width
 
     def add_block(lo, d_kernel, size):
         part = jax.lax.dynamic_slice_in_dim(d_kernel, lo, size, axis=1)
         g_part = jax.lax.dynamic_slice_in_dim(g, lo, size, axis=1)
-        part = part + jnp.dot(h.T, g_part, preferred_element_type=acc).astype(part.dtype)
+        part = part + _product(h, g_part, (0, 0), acc).astype(part.dtype)
         return jax.lax.dynamic_update_slice_in_dim(d_kernel, part, lo, axis=1)
 
     d_kernel = loop(full, lambda j, dk: add_block(j * width, dk, width), d_kernel)
@@ -181,9 +199,12 @@ def _chunk_inputs(plan: Plan, i, members, rows, counted):
 def _add_grads(plan: Plan, inputs, members, d_logits, grads, start, fresh):
     """The gradients of ``hidden`` rows, ``kernel`` and ``bias`` from each ``∂/∂logits``.
 
-    ``g = ∂/∂logits`` is float32; the ``"balanced"`` and ``"compact"``
-    policies round it to the inputs' dtype for the two products (for
-    float32 inputs every policy is the same program).
+    ``g = ∂/∂logits`` is float32. ``"accurate"`` keeps it so, widening the
+    (bf16/f16) kernel and hidden rows to float32 for the two products;
+    ``"balanced"`` and ``"compact"`` round it to the inputs' dtype, so that
+    both products take the inputs' dtype with float32 accumulation and no
+    float32 copy of the kernel is made (for float32 inputs every policy is
+    the same program).
     """
     d_logits = iter(d_logits)
     new_grads = []
@@ -201,9 +222,10 @@ def _add_grads(plan: Plan, inputs, members, d_logits, grads, start, fresh):
             g = g_logits.astype(acc)
         else:
             g = g_logits.astype(jnp.result_type(h.dtype, kernel.dtype))
-        d_h = jnp.dot(g, kernel.T.astype(g.dtype), preferred_element_type=acc)
+        d_h = _product(g, kernel.astype(g.dtype), (1, 1), acc)
         d_hidden = write(d_hidden, d_h, start, fresh)
-        d_kernel = _accumulate_outer(d_kernel, h.astype(g.dtype), g, acc)
+        width = plan.blocks[i] if i < len(plan.blocks) else None
+        d_kernel = _accumulate_outer(d_kernel, h.astype(g.dtype), g, acc, width)
         if d_bias is not None:
             d_bias = d_bias + jnp.sum(g_logits, axis=0).astype(acc)
         new_grads.append((d_hidden, d_kernel, d_bias))

@@ -37,20 +37,40 @@ from functools import partial
 import jax
 import jax.numpy as jnp
 
-from ._chunk import Plan, Rule, chunk_step, float_leaves, grad_init, is_linear, pullback_step
+from .._checks import float_dtype
+from ._chunk import (
+    Plan,
+    Rule,
+    chunk_step,
+    float_leaves,
+    grad_init,
+    is_linear,
+    outer_block,
+    pullback_step,
+)
 from ._chunk import write as write_rows
 from ._mesh import cotangent_like, loop
 
-# The default chunk: at most this many logits (128 MiB in float32) and this
-# fraction of the positions, but at least this many positions.
+# The backends' rules. CPU: at most this many logits per chunk (128 MiB in
+# float32) and this fraction of the positions, but at least this many positions.
 _CHUNK_ELEMENTS = 1 << 25
 _MIN_CHUNKS = 32
 _CPU_CHUNK = 256  # on CPU the fraction of the positions gives way up to this many
 _MIN_CHUNK = 192
+# GPU and TPU: at most this many logits per chunk (2 GiB in float32), in whole
+# tiles of this many rows, at least one tile.
+_ACCELERATOR_ELEMENTS = 1 << 29
+_ACCELERATOR_TILE = 256
+# The platforms a program may be lowered for; any other takes the accelerator rules.
+PLATFORMS = ("cpu", "cuda", "rocm", "tpu")
 
 
 def default_chunk_size(num_tokens: int, num_classes: int, backend: str | None = None) -> int:
     """Positions per chunk when ``chunk_size=None`` (the one statement of the rule).
+
+    ``backend`` is the platform the program is lowered for (``"cpu"``,
+    ``"cuda"``, ``"rocm"``, ``"tpu"``); the engine asks for each platform of a
+    lowering (:func:`work`), ``None`` means the host's default backend.
 
     On CPU: ``min(2**25 / V, max(N / 32, 256))``, but at least 192 (and at
     most ``N``), rounded down to a multiple of 8; ``V`` counts the classes of
@@ -58,18 +78,57 @@ def default_chunk_size(num_tokens: int, num_classes: int, backend: str | None = 
     128 MiB; the second keeps the temporaries near 1/32 of what the
     materialised logits and their gradient would take, or at 256 positions
     for smaller ``N``, where the products run faster than at 192; the floor
-    keeps the products efficient at the largest vocabularies. On an
-    accelerator (GPU, TPU) the chunk takes the whole 128 MiB budget,
-    ``2**25 / V`` rows: chunks of a few hundred rows leave the device idle
-    between small products. Measure another chunk with
-    ``python benchmarks/token_level.py --chunk-size C`` or
-    ``python benchmarks/linear_ce.py``.
+    keeps the products efficient at the largest vocabularies.
+
+    On GPU and TPU: ``2**29 / V`` rows (2 GiB of float32 logits), rounded
+    down to a multiple of 256, at least 256 (and at most ``N``): 4096 rows at
+    ``V = 131072`` or 128256, 16384 at ``V = 32768``. The arithmetic: every
+    chunk reads and writes the float32 kernel-gradient carry ``[D, V]``
+    (``d_kernel += hᵀ · g``), ``8·D·V`` bytes, ``N / C`` times a step, while
+    the step's three products are ``6·N·D·V`` FLOP; on a device of ``F``
+    FLOP/s and ``B`` bytes/s the carry's time over the products' is
+    ``4·F / (3·B·C)``, whatever ``N``, ``D`` and ``V``. An H100 SXM (989
+    bf16 TFLOP/s dense, 3.35 TB/s) gives ``393 / C``: at ``C = 256`` (the
+    0.4 rule, ``2**25 / V`` at ``V = 131072``) the carry outlasts the
+    products 1.5 times over (64 chunks at ``N, D, V = 16384, 4096, 131072``:
+    256 GiB of carry traffic a step), at ``C = 4096`` it is under 10 % (4
+    chunks, 16 GiB). The price is memory: a chunk holds its logits and their
+    gradient, about ``10·C·V`` bytes with the bf16 copy of the gradient (5
+    GiB at ``C·V = 2**29``), next to ``8·N·V`` and more for the materialised
+    logits. Levanter's token tiles measured fastest at 8,192–16,384 rows on
+    an H100 (with vocabulary blocks bounding each tile's memory). Not
+    measured on a GPU since jxent 0.2.0: ``python benchmarks/accelerator.py``
+    measures it where one is at hand.
+
+    Measure another chunk with ``python benchmarks/token_level.py --chunk-size
+    C`` or ``python benchmarks/linear_ce.py``.
     """
-    cap = _CHUNK_ELEMENTS // max(num_classes, 1)
-    if (backend or jax.default_backend()) == "cpu":
-        cap = min(cap, max(num_tokens // _MIN_CHUNKS, _CPU_CHUNK))
+    backend = backend or jax.default_backend()
+    if backend != "cpu":
+        rows = _ACCELERATOR_ELEMENTS // max(num_classes, 1) // _ACCELERATOR_TILE
+        return max(1, min(max(rows, 1) * _ACCELERATOR_TILE, num_tokens))
+    cap = min(_CHUNK_ELEMENTS // max(num_classes, 1), max(num_tokens // _MIN_CHUNKS, _CPU_CHUNK))
     chunk = max(_MIN_CHUNK, cap // 8 * 8)
     return max(1, min(chunk, num_tokens))
+
+
+def default_precision(backend: str | None = None) -> str:
+    """``LinearLogits``' gradient policy when ``precision=None``, per platform.
+
+    ``"accurate"`` on CPU, ``"balanced"`` on GPU and TPU (the policies are
+    described at :class:`jxent.LinearLogits`; ``docs/precision.md`` has the
+    table). With bf16/f16 inputs, ``"balanced"`` gives every product the
+    inputs' dtype with float32 accumulation, as the materialised program's
+    bf16 products have, and sums the kernel's gradient across chunks in
+    float32. ``"accurate"`` keeps the logits' gradient float32 in its two
+    products, widening the kernel (a float32 copy of it, or of its tile, in
+    every chunk): on CPU that is exact float32 and measured as fast (XLA:CPU
+    computes bf16 products in float32 anyway); on a GPU it is a float32
+    product, TF32 at half the bf16 rate or slower; on a TPU, at the default
+    matmul precision, one bf16 pass: the copies cost and buy nothing unless
+    ``jax.default_matmul_precision("highest")`` asks for float32 products.
+    """
+    return "accurate" if (backend or jax.default_backend()) == "cpu" else "balanced"
 
 
 def _num_chunks(plan: Plan) -> int:
@@ -145,6 +204,30 @@ def total_ct(plan: Plan, members, rows, counted, arrays):
     ]
 
 
+def _policy(member, policy: str) -> str:
+    """``policy``, or ``"accurate"`` where every policy is that one program (float32 inputs)."""
+    hidden, kernel, _ = member
+    low = jnp.result_type(hidden.dtype, kernel.dtype) != float_dtype(hidden.dtype, kernel.dtype)
+    return policy if low else "accurate"
+
+
+def for_platform(plan: Plan, members, platform: str) -> Plan:
+    """``plan`` as lowered for ``platform``: its chunk, precision policies and class blocks."""
+    n = plan.positions
+    classes = sum(m[1].shape[1] if is_linear(m) else m.shape[1] for m in members)
+    chunk = plan.chunk or default_chunk_size(n, classes, platform)
+    chunk = max(1, min(chunk, n))
+    precision = tuple(
+        _policy(m, p or default_precision(platform)) if is_linear(m) else None
+        for m, p in zip(members, plan.precision or (None,) * len(members), strict=True)
+    )
+    blocks = tuple(
+        outer_block(chunk, m[0].shape[-1], m[1].shape[1], platform) if is_linear(m) else None
+        for m in members
+    )
+    return plan._replace(chunk=chunk, precision=precision, blocks=blocks)
+
+
 def work(kind: str, plan: Plan, members, rows, counted, arrays, saved=None, ct=None):
     """One rule's computation over the positions and classes at hand.
 
@@ -153,7 +236,28 @@ def work(kind: str, plan: Plan, members, rows, counted, arrays, saved=None, ct=N
     those and a :class:`Rule`'s saved vectors (None for other cores);
     ``"backward"``: the gradients of ``Σ ct · outputs``. Sharded callers
     combine the devices' parts (``jxent._engine._partition``).
+
+    The chunk, the precision policies and the class blocks are chosen for the
+    platform the program is lowered for, not the host that traces it: where
+    the platforms' choices differ, ``jax.lax.platform_dependent`` carries one
+    loop per distinct choice, and lowering keeps the one of each platform
+    (a program exported for several platforms carries each one's).
     """
+    variants: dict[Plan, list[str]] = {}
+    for platform in PLATFORMS:
+        variants.setdefault(for_platform(plan, members, platform), []).append(platform)
+    args = (members, rows, counted, arrays, saved, ct)
+    if len(variants) == 1:
+        return _work(kind, next(iter(variants)), *args)
+    branches = {}
+    for resolved, platforms in variants.items():
+        branch = partial(_work, kind, resolved)
+        branches.update(dict.fromkeys(platforms, branch))
+    return jax.lax.platform_dependent(*args, default=branches["cuda"], **branches)
+
+
+def _work(kind: str, plan: Plan, members, rows, counted, arrays, saved=None, ct=None):
+    """:func:`work` with the platform's choices made."""
     if kind == "sums":
         return sums(forward(plan, members, rows, counted, arrays))
     if kind == "sums_grads":
@@ -240,10 +344,13 @@ positions, summed = rules(work)
 
 
 def plan_for(core, members, counted, options: dict, trainable, chunk_sizes, precision) -> Plan:
-    """The :class:`Plan` of a call: the chunk from the members' ``chunk_size`` or the default."""
+    """The :class:`Plan` of a call: the chunk from the members' ``chunk_size``, or None.
+
+    None (the chunk, or a member's ``precision``) is the default of each
+    platform the program is lowered for, filled in by :func:`work`.
+    """
     n = counted.shape[0]
-    num_classes = sum(m[1].shape[1] if is_linear(m) else m.shape[1] for m in members)
     sizes = set(chunk_sizes) - {None}
-    chunk = min(sizes) if sizes else default_chunk_size(n, num_classes)
-    return Plan(core, tuple(sorted(options.items())), max(1, min(chunk, n)), trainable, n,
+    chunk = max(1, min(min(sizes), n)) if sizes else None
+    return Plan(core, tuple(sorted(options.items())), chunk, trainable, n,
                 precision=tuple(precision))

@@ -26,7 +26,7 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from ._chunk import is_linear
-from ._loop import default_chunk_size, rules, work
+from ._loop import rules, work
 from ._sharding import axis_name, fit, names
 
 
@@ -153,15 +153,15 @@ def _local_plan(op: Op, members, counted, vocab_axes):
     """The plan for this device's block: its positions, its chunk, the vocabulary's axes."""
     n = counted.shape[0]
     sizes = set(op.chunk_sizes) - {None}
-    num_classes = sum(m[1].shape[1] if is_linear(m) else m.shape[1] for m in members)
-    chunk = min(sizes) if sizes else default_chunk_size(n, num_classes)
+    # None: the default of the platform lowered for, chosen by work().
+    chunk = max(1, min(min(sizes), n)) if sizes else None
     options = dict(op.plan.options, vocab_axis_name=vocab_axes)
     # Outputs are the same on every vocabulary device; outside shard_map the
     # transpose of each psum in a core sums its cotangent over them, so each
     # device differentiates its share (as shard_map does without vma checks).
     share = 1.0 if vocab_axes is None else 1.0 / jax.lax.axis_size(vocab_axes)
     return op.plan._replace(
-        positions=n, chunk=max(1, min(chunk, n)), options=tuple(sorted(options.items())),
+        positions=n, chunk=chunk, options=tuple(sorted(options.items())),
         ct_scale=share,
     )
 
