@@ -448,7 +448,8 @@ def vocab_parallel_token_stats(rt: Runtime, src: dict):
             logits, jnp.where(counted, tokens, 0), shift=True, where=mask & counted,
             temperature=0.7, vocab_axis_name=axis,
         )  # fmt: skip
-        return stats._replace(is_argmax=jnp.asarray(stats.is_argmax, jnp.float32))
+        return stats._replace(is_argmax=jnp.asarray(stats.is_argmax, jnp.float32),
+                              argmax=jnp.asarray(stats.argmax, jnp.float32))
 
     return per_token_check(rt, src, fn, ("logits",), "log_prob, entropy, logsumexp, is_argmax")
 

@@ -1,5 +1,6 @@
 """jxent: exact, fast information theory for language-model training in JAX."""
 
+from ._classes import class_log_probs as class_log_probs
 from ._distillation import distillation_loss as distillation_loss
 from ._information import cross_entropy as cross_entropy
 from ._information import entropy as entropy
@@ -18,6 +19,7 @@ from ._softmax import softmax_cross_entropy as softmax_cross_entropy
 from ._tokens import TokenStats as TokenStats
 from ._tokens import token_objective as token_objective
 from ._tokens import token_stats as token_stats
+from ._topk import TopK as TopK
 
 __version__ = "0.4.0"
 
@@ -25,6 +27,8 @@ __all__ = [
     "LinearLogits",
     "NLLStats",
     "TokenStats",
+    "TopK",
+    "class_log_probs",
     "cross_entropy",
     "distillation_loss",
     "entropy",

@@ -21,15 +21,16 @@ from ._engine import run
 from ._numerics import nonnegative
 from ._options import (
     REQUIRED,
-    DistillationOptions,
     distillation_options,
     is_static,
     parse_reduction,
 )
 from ._options import shift as parse_shift
+from ._options import topk_mode as parse_topk_mode
 from ._positions import as_logits, token_targets
 from ._reduce import reduce, summed
-from ._vocab import ClassOps, scaled, shifted
+from ._topk import TopK, stored_rows, topk_core
+from ._vocab import ClassOps, hard_cross_entropy, scaled, shifted
 
 __all__ = ["distillation_loss"]
 
@@ -59,6 +60,10 @@ def _divergence(student, teacher, keep, divergence: str, beta, temperature, ops:
         row = scaled(top_p - top_q, temperature, xs.dtype)[..., 0] + jnp.log(sum_p / sum_q)
         diff = scaled(jnp.where(keep & ~p_inf, xp - xq, 0), temperature, xs.dtype)
         return ops.sum(ep * diff) / sum_p - row
+    if divergence == "tvd":
+        # ½ Σ_c |t_c − s_c|, its (sub)gradient sign(s_c − t_c) / 2 with sign(0) = 0.
+        gap = et / sum_t[..., None] - es / sum_s[..., None]
+        return 0.5 * ops.sum(gap * jnp.sign(gap))
     log_ss, log_st = jnp.log(sum_s), jnp.log(sum_t)
     # jsd: β KL(t‖m) + (1 − β) KL(s‖m), log m = logaddexp(log β + log t, log(1−β) + log s)
     log_s, log_t = ds - log_ss[..., None], dt - log_st[..., None]
@@ -75,7 +80,7 @@ def _divergence(student, teacher, keep, divergence: str, beta, temperature, ops:
     return beta * kl_t + (1 - beta) * kl_s
 
 
-def distillation_core(logits, targets, counted, *, options: DistillationOptions,
+def distillation_core(logits, targets, counted, *, divergence, beta, temperature, hard_weight,
                       vocab_axis_name):
     """``(loss, weight)`` per position from validated inputs (math only, no checks).
 
@@ -84,7 +89,9 @@ def distillation_core(logits, targets, counted, *, options: DistillationOptions,
         the engine gives the teacher no gradient.
       targets: ``None``, or ``[...]`` int32 global ids from :class:`~._positions.Positions`.
       counted: ``[...]`` bool (``where``, ``ignore_index`` and segments applied).
-      options: from :func:`~._options.distillation_options`.
+      divergence, beta, temperature, hard_weight: from
+        :func:`~._options.distillation_options` (floats, or traced scalars the
+        engine passes as arguments).
 
     Returns:
       ``loss`` (0 where not counted) and ``weight`` (1 where counted, else 0).
@@ -93,29 +100,26 @@ def distillation_core(logits, targets, counted, *, options: DistillationOptions,
     ops = ClassOps(student.ndim - 1, vocab_axis_name, student.shape[-1])
     dtype = float_dtype(student.dtype, teacher.dtype)
     keep = counted[..., None]
-    temperature, alpha = options.temperature, options.hard_weight
+    alpha = hard_weight
     x, ds, top, _ = shifted(student, keep, temperature, ops, dtype)
     loss = jnp.zeros(counted.shape, dtype)
     if not is_static(alpha, 1.0):
         xt, dt, top_t, _ = shifted(teacher, keep, temperature, ops, dtype)
         soft = nonnegative(_divergence(
-            (x, ds, top), (xt, dt, top_t), keep, options.divergence, options.beta,
+            (x, ds, top), (xt, dt, top_t), keep, divergence, beta,
             temperature, ops,
         ))
         loss = soft if targets is None else (1 - alpha) * soft
     if targets is not None and not is_static(alpha, 0.0):
-        # Hinton's hard term: cross-entropy of the student at temperature 1,
-        # (top − x_t) + log Σ exp(x − top).
-        d1 = ds if is_static(temperature, 1.0) else jnp.where(keep, x, 0) - top
-        x_t = jnp.where(counted, ops.take(x, targets, fill=jnp.nan), 0)
-        hard = (top[..., 0] - x_t) + jnp.log(ops.sum(jnp.exp(d1)))
+        # Hinton's hard term: cross-entropy of the student at temperature 1.
+        hard = hard_cross_entropy(x, ds, top, keep, counted, targets, temperature, ops)
         loss = loss + alpha * hard
     return jnp.where(counted, loss, 0), counted.astype(dtype)
 
 
 def distillation_loss(
     student_logits: Float[ArrayLike, "*batch V"],
-    teacher_logits: Float[ArrayLike, "*batch V"],
+    teacher_logits: Float[ArrayLike, "*batch V"] | TopK,
     *,
     shift: bool | int = REQUIRED,
     divergence: str = "kl",
@@ -128,6 +132,7 @@ def distillation_loss(
     ignore_index: int | None = -100,
     segment_ids: Int[ArrayLike, " *batch"] | None = None,
     vocab_axis_name: str | None = None,
+    topk_mode: str = "tail",
 ) -> Float[Array, "..."]:
     """Divergence of a student's next-token distribution from a teacher's, per position.
 
@@ -141,7 +146,29 @@ def distillation_loss(
       the Jensen–Shannon divergence, ``≤ log 2``. Its limits are the two KLs,
       scaled: ``β → 0`` tends to ``β·KL(t‖s)`` (``"kl"``, forward) and
       ``β → 1`` to ``(1 − β)·KL(s‖t)`` (``"reverse_kl"``), so TRL's
-      ``beta=0`` is ``"kl"`` here and its ``beta=1`` is ``"reverse_kl"``.
+      ``beta=0`` is ``"kl"`` here and its ``beta=1`` is ``"reverse_kl"``;
+    * ``"tvd"``: the total variation ``½ Σ_c |t_c − s_c|`` (Liger's
+      ``LigerTVDLoss``), in ``[0, 1]``; its (sub)gradient with respect to
+      ``s_c`` is ``½ sign(s_c − t_c)``, with ``sign(0) = 0``.
+
+    Stored teacher: ``teacher_logits`` may be a :class:`~jxent.TopK`, the
+    teacher's log-probabilities ``log t_i`` of ``k`` classes per position.
+    ``topk_mode="tail"`` compares both distributions over ``k + 1`` buckets,
+    the stored classes and "every other class": ``t_i``, ``t_rest = 1 − Σ t_i``
+    (clamped at 0), ``s_i = softmax(student / T)[id_i]`` over the full
+    vocabulary and ``s_rest`` the student's mass on the classes not stored
+    (summed directly, without cancellation). The stored log-probs are the
+    teacher at temperature ``T`` as generated: ``T`` divides the student's
+    logits only. With every class stored the rest bucket is empty, and the
+    value is the dense teacher's. ``topk_mode="renormalize"`` (MaxText,
+    tunix) restricts both to the stored classes and renormalises them:
+    ``t̃ = softmax(log_probs / T)``, ``s̃ = softmax(student / T)[ids]``
+    renormalised. Padding entries (``−inf`` log-prob) belong to neither; a
+    position with nothing stored gives 0 in both modes (still counted: mask
+    it with ``where`` to leave it out of the mean). With ``t_rest`` rounded to
+    0 while the student keeps mass outside the stored classes,
+    ``"reverse_kl"`` in tail mode is ``+inf`` (as the math says: store a
+    little less than all the mass, or use another divergence).
 
     With ``targets`` and ``hard_weight = α`` each position's loss is
     ``α·CE(student, target) + (1 − α)·divergence``, where the cross-entropy
@@ -161,8 +188,9 @@ def distillation_loss(
       student_logits: ``[..., V]``, the class axis last (``[..., T, V]`` with a
         shift), or a :class:`~jxent.LinearLogits`.
       teacher_logits: the same shape (any float dtype; computed in float32,
-        or float64 under ``jax_enable_x64``).
-      divergence: ``"kl"``, ``"reverse_kl"`` or ``"jsd"``.
+        or float64 under ``jax_enable_x64``), a ``LinearLogits``, or a
+        :class:`~jxent.TopK` of ids ``[..., k]`` over the student's positions.
+      divergence: ``"kl"``, ``"reverse_kl"``, ``"jsd"`` or ``"tvd"``.
       beta: the mixture weight of the teacher for ``"jsd"``, in ``(0, 1)``
         (ignored otherwise).
       temperature: ``T > 0``, dividing both logits (Python float or traced scalar).
@@ -181,7 +209,10 @@ def distillation_loss(
       segment_ids: ``[..., T]`` integer document ids of packed rows (with a
         shift: position ``t`` counts only within its document).
       vocab_axis_name: inside ``shard_map``, the mesh axis along which both
-        logits' vocabulary is sharded (targets hold global ids).
+        logits' vocabulary is sharded (targets and a ``TopK``'s ids hold
+        global ids).
+      topk_mode: ``"tail"`` or ``"renormalize"``, for a ``TopK`` teacher
+        (ignored for logits).
 
     Returns:
       A scalar, or ``[...]`` per position for ``reduction="none"`` (``[..., T − k]``
@@ -196,7 +227,10 @@ def distillation_loss(
     Raises:
       ValueError: unknown ``divergence`` or ``reduction``, ``β`` outside
         ``(0, 1)`` for ``"jsd"``, ``hard_weight > 0`` without ``targets``,
-        mismatched shapes.
+        mismatched shapes, an unknown ``topk_mode``; a ``TopK`` with an id
+        outside ``[0, V)`` or the same id twice among a position's finite
+        entries, or ``Σ exp(log_probs) > 1 + 1e-3`` (eager calls; under
+        ``jit`` those positions are NaN, which ``checkify`` reports).
 
     Examples:
       >>> import jax.numpy as jnp, jxent
@@ -206,6 +240,12 @@ def distillation_loss(
       Array([0.       , 0.3680...], dtype=float32)
       >>> float(jxent.distillation_loss(student, teacher, shift=False, divergence="jsd"))
       0.0509...
+
+      A stored teacher, its top class only (``t_rest = 0.1``):
+
+      >>> top1 = jxent.TopK(jnp.array([[0], [0]]), jnp.log(jnp.array([[0.5], [0.9]])))
+      >>> jxent.distillation_loss(student, top1, shift=False, reduction="none")
+      Array([0.       , 0.3680...], dtype=float32)
     """
     reduction = parse_reduction(reduction)
     k = parse_shift(shift, "distillation_loss")
@@ -213,6 +253,11 @@ def distillation_loss(
         divergence, beta, temperature, hard_weight, has_targets=targets is not None
     )
     student = as_logits(student_logits, "student_logits")
+    if isinstance(teacher_logits, TopK):
+        return _stored_teacher(
+            student, teacher_logits, k, options, parse_topk_mode(topk_mode), where, reduction,
+            targets, ignore_index, segment_ids, vocab_axis_name,
+        )
     teacher = as_logits(teacher_logits, "teacher_logits")
     if tuple(teacher.shape) != tuple(student.shape):
         raise ValueError(
@@ -227,9 +272,32 @@ def distillation_loss(
     loss, weight = run(
         distillation_core, (student, teacher), positions.targets, positions.counted,
         mode="sum" if summed(reduction) else "positions",
-        options=dict(options=options, vocab_axis_name=vocab_axis_name),
+        options=dict(options._asdict(), vocab_axis_name=vocab_axis_name),
         trainable=(True, False),
         names=("student", "teacher"),
+    )
+    if reduction == "none":
+        loss = positions.trim(loss)
+    return reduce(loss, weight, reduction)
+
+
+def _stored_teacher(student, teacher: TopK, k, options, topk_mode, where, reduction, targets,
+                    ignore_index, segment_ids, vocab_axis_name):
+    """:func:`distillation_loss` with a :class:`TopK` teacher: its ids are per-position rows."""
+    positions = token_targets(
+        student, targets, shift=k, where=where, ignore_index=ignore_index,
+        function="distillation_loss", vocab_axis_name=vocab_axis_name,
+        segment_ids=segment_ids, name="targets", sequence=False,
+    )
+    num_classes = ClassOps(-1, vocab_axis_name, student.shape[-1]).num_classes
+    index, log_probs, bad = stored_rows(
+        teacher, student.shape[:-1], positions.counted, num_classes, vocab_axis_name is None
+    )
+    loss, weight = run(
+        topk_core, (student,), (index, log_probs, bad, positions.targets), positions.counted,
+        mode="sum" if summed(reduction) else "positions",
+        options=dict(options._asdict(), topk_mode=topk_mode, vocab_axis_name=vocab_axis_name),
+        names=("student",),
     )
     if reduction == "none":
         loss = positions.trim(loss)

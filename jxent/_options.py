@@ -24,7 +24,8 @@ from ._checks import float_dtype
 
 REDUCTIONS = ("mean", "sum", "none")
 NORMALIZATIONS = ("tokens", "sequences", "sum", "none")
-DIVERGENCES = ("kl", "reverse_kl", "jsd")
+DIVERGENCES = ("kl", "reverse_kl", "jsd", "tvd")
+TOPK_MODES = ("tail", "renormalize")
 
 
 def check_option(value: Any, name: str, valid: Sequence[str], hint: dict | None = None) -> str:
@@ -274,3 +275,8 @@ def distillation_options(
             "None; pass targets= (integer token ids of the positions' shape) or hard_weight=0"
         )
     return DistillationOptions(divergence, beta, temperature(temperature_), hard_weight)
+
+
+def topk_mode(value: Any) -> str:
+    """How a stored (``TopK``) teacher is compared: ``"tail"`` or ``"renormalize"``."""
+    return check_option(value, "topk_mode", TOPK_MODES, hint={"renormalise": "renormalize"})

@@ -48,12 +48,16 @@ class TokenStats(NamedTuple):
       entropy: ``H(softmax(z)) = −Σ_c p_c log p_c``.
       logsumexp: ``log Σ_c exp z_c``.
       is_argmax: the token's logit equals the maximum (ties count).
+      argmax: int32, the predicted class: the smallest id among the classes
+        whose logit is the maximum (``jnp.argmax``'s rule, on one device, fused
+        and across vocab shards alike).
     """
 
     log_prob: Float[Array, " *positions"]
     entropy: Float[Array, " *positions"]
     logsumexp: Float[Array, " *positions"]
     is_argmax: Bool[Array, " *positions"]
+    argmax: Int[Array, " *positions"]
 
 
 # --------------------------------------------------------------------------- cores
@@ -86,6 +90,7 @@ def _stats_and_saved(logits, tokens, counted, temperature, ops: ClassOps):
         entropy=jnp.where(counted, entropy, 0),
         logsumexp=jnp.where(counted, logsumexp, 0),
         is_argmax=counted & (x_t == raw_top[..., 0]),
+        argmax=jnp.where(counted, ops.first(x == raw_top), 0),
     )
     return stats, (top, log_total, mean_d)
 
@@ -162,15 +167,19 @@ def token_stats(
 
         ``log_prob = log p[token] = z_token − logsumexp(z)``,
         ``entropy = H(p) = −Σ_c p_c log p_c``, ``logsumexp = log Σ_c exp z_c``,
-        ``is_argmax = (logits[token] == max_c logits_c)`` (every tied class counts).
+        ``is_argmax = (logits[token] == max_c logits_c)`` (every tied class counts),
+        ``argmax = min {c : logits_c = max logits}`` (the predicted class, int32).
 
     For policy gradients and reference-model KL penalties (``log_prob`` of the
     sampled tokens), entropy bonuses and monitoring, token accuracy, and
     sequence scoring: the log-likelihood of a sequence is ``Σ log_prob`` over
     its counted positions (``−sequence_nll(..., normalize="sum")`` at
     temperature 1). ``log_prob``, ``entropy`` and ``logsumexp`` are
-    differentiable, in forward mode too; ``is_argmax`` is a bool. Values are
-    in nats; divide by ``math.log(2)`` for bits.
+    differentiable, in forward mode too; ``is_argmax`` is a bool and
+    ``argmax`` the predicted class id (token accuracy and predicted tokens
+    without a second pass; ties go to the smallest id, as ``jnp.argmax``, the
+    same on one device, fused, and across vocab shards). Values are in nats;
+    divide by ``math.log(2)`` for bits.
 
     Args:
       logits: ``[..., T, V]``, any float dtype (bf16/f16 computed in float32).
@@ -201,7 +210,8 @@ def token_stats(
     gradient even when their logits are NaN or ±inf. A ``−inf`` logit at a
     counted position is a class of probability zero: values and gradients stay
     finite unless the token itself has probability zero (then
-    ``log_prob = −inf``). Rounding never makes ``entropy`` negative. Token ids
+    ``log_prob = −inf``). Rounding never makes ``entropy`` negative.
+    ``argmax`` is ``V`` (no class) at a counted position whose logits hold NaN. Token ids
     outside ``[0, V)`` at counted positions raise ``ValueError`` in an eager
     call; under ``jit`` their ``log_prob`` is NaN (never a wrapped id).
 
@@ -215,6 +225,8 @@ def token_stats(
       Array([[1.0397..., 0.6390...]], dtype=float32)
       >>> stats.is_argmax
       Array([[ True, False]], dtype=bool)
+      >>> stats.argmax
+      Array([[0, 0]], dtype=int32)
     """
     temperature = parse_temperature(temperature)
     _, logits, positions = _prepare(
@@ -317,7 +329,8 @@ def token_objective(
 def _check_objective(fn, positions, dtype, args) -> None:
     """``fn`` must return one float per position: checked on shapes, nothing is run."""
     vector = jax.ShapeDtypeStruct(positions, dtype)
-    stats = TokenStats(vector, vector, vector, jax.ShapeDtypeStruct(positions, jnp.bool_))
+    stats = TokenStats(vector, vector, vector, jax.ShapeDtypeStruct(positions, jnp.bool_),
+                       jax.ShapeDtypeStruct(positions, jnp.int32))
     out = jax.eval_shape(fn, stats, *args)
     shape, out_dtype = getattr(out, "shape", None), getattr(out, "dtype", None)
     if shape != tuple(positions) or not jnp.issubdtype(out_dtype, jnp.floating):

@@ -103,6 +103,32 @@ class ClassOps(NamedTuple):
         oob = jnp.squeeze(index, self.axis) >= self.num_classes
         return jnp.where(oob, fill, out)
 
+    def gather(self, x, index, fill):
+        """``x`` at ``index [..., k]`` global class ids along the last axis: ``[..., k]``.
+
+        Many classes per position (``take`` reads one). ``index ==
+        num_classes`` gives ``fill`` by a real out-of-bounds gather, so
+        ``checkify`` index checks report it.
+        """
+        if self.axis_name is None:
+            return jnp.take_along_axis(x, index, -1, mode="fill", fill_value=fill)
+        local = index - self.offset()
+        mine = (local >= 0) & (local < self.num_local)
+        out = jnp.take_along_axis(x, jnp.where(mine, local, 0), -1)
+        out = self.sum_tokens(jnp.where(mine, out, 0))
+        return jnp.where(index >= self.num_classes, fill, out)
+
+    def first(self, hit):
+        """The smallest global class id where ``hit`` (class axis last) is True, int32.
+
+        ``num_classes`` where it is True nowhere. Across vocab shards the
+        smallest id wins (``pmin``), so the rule is the same on one device.
+        """
+        found = jnp.any(hit, axis=-1)
+        index = jnp.argmax(hit, axis=-1).astype(jnp.int32) + self.offset()
+        index = jnp.where(found, index, jnp.int32(self.num_classes))
+        return index if self.axis_name is None else jax.lax.pmin(index, self.name)
+
     def sum_classes(self, w):
         """The sum of a ``[classes]`` vector (sharded like the vocabulary)."""
         return self.psum(jnp.sum(w))
@@ -201,3 +227,15 @@ def shifted(logits, keep, temperature, ops: ClassOps, dtype):
     top = jnp.where(keep & jnp.isfinite(raw_top), raw_top, 0)
     d = scaled(jnp.where(keep, x, 0) - top, temperature, dtype)
     return x, d, top, raw_top
+
+
+def hard_cross_entropy(x, d, top, keep, counted, targets, temperature, ops: ClassOps):
+    """``−log softmax(x)[target]`` at temperature 1, from :func:`shifted`'s ``(x, d, top)``.
+
+    Distillation's hard term (Hinton's recipe): ``(top − x_t) + log Σ exp(x − top)``,
+    reusing ``d`` when the temperature is a static 1.
+    """
+    d1 = d if isinstance(temperature, float) and temperature == 1.0 else (
+        jnp.where(keep, x, 0) - top)
+    x_t = jnp.where(counted, ops.take(x, targets, fill=jnp.nan), 0)
+    return (top[..., 0] - x_t) + jnp.log(ops.sum(jnp.exp(d1)))

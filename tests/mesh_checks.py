@@ -1017,7 +1017,8 @@ def fused_calls() -> dict[str, FusedCall]:
                 temperature=temperature,
                 vocab_axis_name=axis,
             )
-            return out._replace(is_argmax=out.is_argmax.astype(jnp.float32))
+            return out._replace(is_argmax=out.is_argmax.astype(jnp.float32),
+                                argmax=out.argmax.astype(jnp.float32))
 
         label = f"token_stats, shift={shift}, temperature={temperature}" + ", masked" * masked
         calls[label] = FusedCall(tstats, "none", "shift" if masked else None)

@@ -181,6 +181,24 @@ def test_is_argmax_counts_every_tied_class():
     np.testing.assert_array_equal(got.is_argmax, [[False, True, True, False]])
 
 
+def test_argmax_is_the_smallest_tied_id_dense_and_fused():
+    """Ties go to the smallest class id (jnp.argmax's rule), dense and fused; 0 if not counted."""
+    kernel = np.array([[1, 3, 3, -1, 3], [2, 0, 2, 2, 1]], np.float32)  # exact products
+    hidden = np.array([[[1, 0], [0, 1], [1, 1], [-1, 0]]], np.float32)
+    tokens = np.array([[1, 0, 2, 3]], np.int32)
+    where = np.array([[True, True, True, False]])
+
+    @jax.jit
+    def both(h, k):
+        return [jxent.token_stats(x, tokens, shift=False, where=where).argmax
+                for x in (h @ k, jxent.LinearLogits(h, k, chunk_size=3))]
+
+    dense, fused = both(hidden, kernel)
+    np.testing.assert_array_equal(dense, [[1, 0, 2, 0]])
+    np.testing.assert_array_equal(fused, dense)
+    assert dense.dtype == jnp.int32
+
+
 def test_entropy_is_never_negative_but_keeps_its_gradient():
     """A near-one-hot distribution: rounding would give H slightly below 0."""
     logits = np.zeros((64, 50), np.float32)
@@ -234,7 +252,8 @@ def test_minus_inf_logits_at_counted_positions_are_zero_probability_classes(rng)
     sliced = jxent.token_stats(
         logits[:, kept], np.array([0, 1, 2, 4], np.int32), shift=False, temperature=1.5
     )
-    close(stats, sliced)
+    close(stats[:4], sliced[:4])
+    np.testing.assert_array_equal(stats.argmax, np.asarray(kept)[sliced.argmax])  # ids move
     # A token at a −inf logit has probability zero: log_prob = −inf.
     bad = jax.jit(lambda x: jxent.token_stats(x, np.array([1, 0, 0, 0]), shift=False))(logits)
     assert bad.log_prob[0] == -np.inf and np.isfinite(bad.entropy[0])
@@ -785,7 +804,7 @@ sharded = jax.jit(jax.shard_map(
     mesh=mesh, in_specs=(V, V), out_specs=(R, V, (R, V))))
 got = jax.tree.leaves(sharded(x, teacher))
 want = jax.tree.leaves(jax.jit(everything)(x, teacher))
-assert len(got) == len(want) == 7
+assert len(got) == len(want) == 8  # TokenStats: 5 fields
 for a, b in zip(got, want, strict=True):
     np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
 print("sharded ok")
