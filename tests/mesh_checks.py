@@ -15,7 +15,9 @@ two-axis mesh), ``linear`` (vocab-parallel ``linear_cross_entropy``: values,
 gradients, compiled HLO and memory), ``fused`` (every function taking
 ``LinearLogits`` -- ``softmax_cross_entropy``, ``sequence_nll``,
 ``nll_stats``, ``token_stats``, ``distillation_loss`` -- on a ``vocab`` and a
-``data`` × ``vocab`` mesh, with NaN in masked hidden rows), ``errors``.
+``data`` × ``vocab`` mesh, with NaN in masked hidden rows), ``topk`` (stored
+teachers, ``class_log_probs`` and ``TokenStats.argmax``, vocab-sharded and on
+placed arrays), ``errors``.
 """
 
 from __future__ import annotations
@@ -1302,6 +1304,100 @@ def fused_training_step_inside_shard_map():
         close(got, want, "training step")
         for leaf in jax.tree.leaves(got):
             assert bool(jnp.all(jnp.isfinite(leaf))), f"non-finite result {leaf}"
+
+
+# ------------------------------------------------------------------------------ topk
+# Stored teachers (TopK), class_log_probs and TokenStats.argmax, vocab-sharded: one
+# self-contained group (issue 27), kept apart from the groups above.
+
+
+def topk_inputs(seed: int = 27) -> dict:
+    """A [2, 4] batch over V = 32 classes; ties of the maximum on both sides of shard borders."""
+    rng = np.random.default_rng(seed)
+    b, t, d, v, k = 2, 4, 8, 32, 5
+    x = {
+        "logits": (2 * rng.standard_normal((b, t, v))).astype(np.float32),
+        "hidden": rng.standard_normal((b, t, d)).astype(np.float32),
+        "kernel": (0.5 * rng.standard_normal((d, v))).astype(np.float32),
+        "tokens": rng.integers(0, v, (b, t)).astype(np.int32),
+        "where": rng.random((b, t)) < 0.85,
+    }
+    x["logits"][0, 0, [3, 9, 30]] = 9.0  # ties in shards 0, 1 and 3 (of 4): id 3 wins
+    x["logits"][0, 1, [20, 17]] = 9.0  # shard 2 before shard 2: id 17
+    teacher = jax.nn.log_softmax(2 * rng.standard_normal((b, t, v)), -1)
+    top = jxent.TopK.from_logits(teacher, k)
+    lp = np.array(top.log_probs)
+    lp[1, 2, 3:] = -np.inf  # padding
+    x["ids"], x["log_probs"] = np.asarray(top.ids), lp
+    x["choices"] = rng.integers(0, v, (b, t, 3)).astype(np.int32)
+    return x
+
+
+def topk_calls(x: dict, fused: bool, axis):
+    """Scalars of every stored-teacher function on the (local) student; used by both sides."""
+
+    def run(logits, h, kernel):
+        student = jxent.LinearLogits(h, kernel, chunk_size=3) if fused else logits
+        teacher = jxent.TopK(x["ids"], x["log_probs"])
+        out = {}
+        for mode, divergence in (("tail", "kl"), ("tail", "tvd"), ("renormalize", "jsd")):
+            out[f"{mode} {divergence}"] = jxent.distillation_loss(
+                student, teacher, shift=True, divergence=divergence, temperature=1.3,
+                topk_mode=mode, where=x["where"], targets=x["tokens"], hard_weight=0.2,
+                vocab_axis_name=axis,
+            )
+        lp = jxent.class_log_probs(student, x["choices"], temperature=0.8, where=x["where"],
+                                   vocab_axis_name=axis)
+        out["class_log_probs"] = jnp.sum(lp * jnp.arange(1.0, 1.0 + lp.size).reshape(lp.shape))
+        stats = jxent.token_stats(student, x["tokens"], shift=False, vocab_axis_name=axis)
+        return out, stats.argmax
+
+    return run
+
+
+def topk_value_and_grads(run):
+    """``run``'s values, argmax and the gradients of their sum (taken outside any shard_map)."""
+
+    def f(*a):
+        values, argmax = run(*a)
+        return sum(values.values()), (values, argmax)
+
+    def value_and_grads(logits, h, kernel):
+        (_, aux), grads = jax.value_and_grad(f, (0, 1, 2), has_aux=True)(logits, h, kernel)
+        return aux, grads
+
+    return jax.jit(value_and_grads)
+
+
+@check("topk")
+def topk_vocab_sharded():
+    """TopK distillation (both modes), class_log_probs and argmax: shard_map and placed arrays."""
+    x = topk_inputs()
+    args = (x["logits"], x["hidden"], x["kernel"])
+    mesh = make_mesh("4")
+    want = {fused: topk_value_and_grads(topk_calls(x, fused, None))(*args)
+            for fused in (False, True)}
+    for fused in (False, True):
+        with case(f"topk shard_map, fused={fused}"):
+            sharded = jax.shard_map(
+                topk_calls(x, fused, "model"), mesh=mesh,
+                in_specs=(P(None, None, "model"), P(), P(None, "model")), out_specs=(P(), P()),
+            )
+            got = topk_value_and_grads(sharded)(*args)
+            close(got, want[fused], f"fused={fused}")
+            if not fused:
+                assert got[0][1][0, 0] == 3 and got[0][1][0, 1] == 17, got[0][1]
+    auto = jax.make_mesh((2, 4), ("data", "model"), axis_types=(jax.sharding.AxisType.Auto,) * 2)
+    with case("topk on placed arrays under plain jit (Auto 2 x 4), fused"):
+        put = lambda a, *spec: jax.device_put(a, NamedSharding(auto, P(*spec)))
+        placed = dict(x, hidden=put(x["hidden"], "data"), kernel=put(x["kernel"], None, "model"),
+                      ids=put(x["ids"], "data"), log_probs=put(x["log_probs"], "data"),
+                      tokens=put(x["tokens"], "data"), where=put(x["where"], "data"),
+                      choices=put(x["choices"], "data"))
+        logits = put(x["logits"], "data", None, "model")
+        got = topk_value_and_grads(topk_calls(placed, True, None))(
+            logits, placed["hidden"], placed["kernel"])
+        close(got, want[True], "placed, fused")
 
 
 # ------------------------------------------------------------------------------ errors

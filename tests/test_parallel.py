@@ -39,7 +39,7 @@ XLA_FLAGS = (
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("group", ["softmax", "data", "linear", "fused", "errors"])
+@pytest.mark.parametrize("group", ["softmax", "data", "linear", "fused", "errors", "topk"])
 def test_mesh_checks(group):
     env = dict(os.environ, XLA_FLAGS=XLA_FLAGS, JAX_PLATFORMS="cpu")
     result = subprocess.run(
