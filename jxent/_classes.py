@@ -57,7 +57,7 @@ def _ids(ids, positions: tuple, num_classes: int, check: bool):
     ok = (ids >= 0) if info.min < 0 else jnp.ones(ids.shape, bool)
     if num_classes <= info.max:
         ok = ok & (ids < jnp.asarray(num_classes, ids.dtype))
-    if check and is_concrete(ids) and not np.all(np.asarray(ok)):
+    if check and is_concrete(ids, ok) and not np.all(np.asarray(ok)):
         bad = ~np.asarray(ok)
         at = tuple(int(i) for i in np.argwhere(bad)[0])
         raise ValueError(

@@ -163,7 +163,7 @@ def stored_rows(teacher: TopK, positions: tuple, counted, num_classes: int, chec
     lp = log_probs.astype(float_dtype(log_probs.dtype))
     mass = jax.nn.logsumexp(jnp.where(finite, lp, -jnp.inf), axis=-1)
     over = mass > math.log1p(MASS_TOLERANCE)
-    if check and is_concrete(ids, log_probs, counted):
+    if check and is_concrete(counted, oob, dup, over, mass):
         for bad, what in (
             (oob, f"has an id outside [0, {num_classes})"),
             (dup, "stores the same id twice"),
