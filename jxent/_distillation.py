@@ -252,10 +252,11 @@ def distillation_loss(
     options = distillation_options(
         divergence, beta, temperature, hard_weight, has_targets=targets is not None
     )
+    topk_mode = parse_topk_mode(topk_mode)  # checked for every teacher, used by a TopK
     student = as_logits(student_logits, "student_logits")
     if isinstance(teacher_logits, TopK):
         return _stored_teacher(
-            student, teacher_logits, k, options, parse_topk_mode(topk_mode), where, reduction,
+            student, teacher_logits, k, options, topk_mode, where, reduction,
             targets, ignore_index, segment_ids, vocab_axis_name,
         )
     teacher = as_logits(teacher_logits, "teacher_logits")
