@@ -250,6 +250,7 @@ def test_fused_student_equals_dense_and_the_teacher_gets_no_gradient(rng):
         assert not np.any(out[mode, reduction, True][1][3])  # no gradient to log_probs
 
 
+@pytest.mark.slow
 def test_invalid_stored_teachers_raise_eagerly():
     x = jnp.zeros((2, 5))
     ids = np.array([[0, 1], [2, 3]], np.int32)
