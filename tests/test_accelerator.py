@@ -15,7 +15,10 @@ they are.
 
 from __future__ import annotations
 
+import pathlib
 import re
+import subprocess
+import sys
 
 import jax
 import jax.numpy as jnp
@@ -238,3 +241,39 @@ def test_float32_inputs_are_one_program_on_every_platform():
     assert {(p[1], p[3], p[5]) for p in products(texts["cpu"])} == {("f32", "f32", "f32")}
     assert strip(texts["cpu"]).count("stablehlo.while") == strip(texts["cuda"]).count(
         "stablehlo.while")
+
+
+BENCHMARKS = pathlib.Path(__file__).resolve().parents[1] / "benchmarks"
+
+
+def test_the_benchmark_reads_products_from_compiled_gpu_and_cpu_programs(monkeypatch):
+    monkeypatch.syspath_prepend(str(BENCHMARKS))
+    sys.modules.pop("accelerator", None)
+    import accelerator
+
+    gpu = """
+  %p.1 = bf16[4096,4096]{1,0} parameter(0)
+  %p.2 = bf16[4096,128256]{1,0} parameter(1)
+  %cublas-gemm.3 = (f32[4096,128256]{1,0}, s8[33554432]{0}) custom-call(%p.1, %p.2), custom_call_target="__cublas$lt$matmul", backend_config={}
+  %f.4 = f32[4096,4096]{1,0} parameter(2)
+  %f.5 = f32[4096,128256]{1,0} parameter(3)
+  ROOT %dot.6 = f32[4096,128256]{1,0} dot(%f.4, %f.5), lhs_contracting_dims={1}, rhs_contracting_dims={0}
+"""  # noqa: E501
+    assert accelerator.compiled_products(gpu) == ["bf16·bf16→f32", "f32·f32→f32"]
+
+
+@pytest.mark.slow
+def test_the_benchmark_runs_on_cpu_at_small_sizes():
+    """The GPU table's script, as the suite runs it: small sizes, one round, under 15 s."""
+    size = "128,32,500"
+    result = subprocess.run(
+        [sys.executable, str(BENCHMARKS / "accelerator.py"), "--sizes", size,
+         "--lowered-sizes", size, "--rounds", "1"],
+        capture_output=True, text=True, timeout=120, cwd=BENCHMARKS,
+    )
+    assert result.returncode == 0, result.stderr
+    out = result.stdout
+    assert "not measured on a GPU since 0.2.0" in out
+    rows = [line for line in out.splitlines() if line.startswith("| 128, 32, 500")]
+    assert len(rows) == 8 + 6, out  # 2 dtypes × 2 passes × 2 programs; 2 dtypes × 3 platforms
+    assert "| 128, 32, 500 | bf16 | cuda | 128 | 1 | bf16·bf16→f32 |" in rows

@@ -70,8 +70,9 @@ def test_bf16_kernel_gradient_at_large_logits_and_an_unaligned_vocabulary():
     assert [g.dtype for g in accurate] == [jnp.bfloat16, jnp.bfloat16]
     assert violations(accurate[1], exact[1]) == 0
     assert violations(accurate[0], exact[0]) == 0
-    # The default is the accurate policy, and it is the materialised call's
-    # gradient: both round float32 sums once, to bf16.
+    # On CPU the default (precision=None: the platform's) is the accurate
+    # policy, and it is the materialised call's gradient: both round float32
+    # sums once, to bf16. (GPU/TPU defaults: tests/test_accelerator.py.)
     chex.assert_trees_all_equal(fused("accurate"), jax.jit(jax.grad(
         lambda h, k: jxent.linear_cross_entropy(h, k, targets, reduction="sum", chunk_size=64),
         (0, 1)))(hidden, kernel))
@@ -117,6 +118,7 @@ def test_bf16_policies_order_by_precision(rng):
 
 
 def test_precision_is_checked_and_static():
+    assert jxent.LinearLogits(np.zeros((2, 3)), np.zeros((3, 4))).precision is None
     with pytest.raises(ValueError, match="precision must be one of 'accurate', 'balanced'"):
         jxent.LinearLogits(np.zeros((2, 3)), np.zeros((3, 4)), precision="fast")
     x = jxent.LinearLogits(np.zeros((2, 3)), np.zeros((3, 4)), precision="balanced")
