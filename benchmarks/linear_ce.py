@@ -26,10 +26,15 @@ four losses are checked to agree before anything is timed.
     python benchmarks/linear_ce.py --sizes 4096,512,32768   # one of its sizes
     python benchmarks/linear_ce.py --sizes 4096,512,32768 --no-bf16
 
-After the float32 table, the bf16 table (``--no-bf16`` skips it): the three
-gradient policies of ``LinearLogits(..., precision=...)`` at 16 and 64
-chunks, on tokamax's failing case (N, D, V = 1024, 256, 119548), each with
-its error against a float64 reference, its time and its compiled memory.
+After the float32 table, the bf16 table (``--no-bf16`` skips it): the two
+materialised programs (float32 logits, and bf16 logits ``h @ k`` as a model
+computes them) and the three gradient policies of ``LinearLogits(...,
+precision=...)`` at 16 and 64 chunks, on tokamax's failing case (N, D, V =
+1024, 256, 119548), each with the dtypes of its products as lowered for CPU
+and for a GPU, its error against a float64 reference (as XLA:CPU computes,
+and with bf16 rounding honoured as on a GPU or TPU: a child process with
+``XLA_FLAGS=--xla_allow_excess_precision=false``), its time and its compiled
+memory.
 """
 
 from __future__ import annotations
@@ -37,9 +42,13 @@ from __future__ import annotations
 import argparse
 import ctypes
 import gc
+import json
 import os
 import platform
+import re
 import statistics
+import subprocess
+import sys
 import time
 
 import jax
@@ -183,8 +192,34 @@ def large_logit_batch(n, d, v, seed=0):
     return hidden, kernel, jnp.asarray(targets)
 
 
-def precision_table(size) -> None:
-    """bf16 inputs: each gradient policy's error against float64, its time and memory."""
+def precision_candidates(n, targets) -> dict:
+    """The bf16 table's programs: the two materialised ones and each policy at 16 and 64 chunks."""
+    out = {
+        ("materialised, float32 logits", "—"): lambda h, k: jxent.softmax_cross_entropy(
+            jnp.dot(h, k, preferred_element_type=jnp.float32), targets, reduction="sum"),
+        ("materialised, bf16 logits (h @ k)", "—"): lambda h, k: jxent.softmax_cross_entropy(
+            h @ k, targets, reduction="sum"),
+    }
+    for policy in ("accurate", "balanced", "compact"):
+        for chunks in (16, 64):
+            out[(f"fused {policy}", chunks)] = (
+                lambda h, k, p=policy, c=n // chunks: jxent.linear_cross_entropy(
+                    h, k, targets, reduction="sum", chunk_size=c, precision=p))
+    return out
+
+
+def gradient_products(loss, hidden, kernel, platform: str) -> str:
+    """The dtypes of the products of ``grad(loss)`` as lowered for ``platform``."""
+    text = jax.export.export(jax.jit(jax.grad(loss, (0, 1))), platforms=(platform,))(
+        hidden, kernel).mlir_module()
+    tensor = r"tensor<[0-9x]*?x?([a-z]+[0-9]*)>"
+    found = re.findall(r"stablehlo\.dot_general .*?: \(" + tensor + ", " + tensor + r"\) -> "
+                       + tensor, text)
+    return ", ".join(sorted({f"{a}·{b}→{c}" for a, b, c in found}))
+
+
+def precision_errors(size, timed: bool) -> dict:
+    """Per candidate: max abs error, relative error and entries beyond tolerance of ∂/∂kernel."""
     n, d, v = size
     hidden, kernel, targets = large_logit_batch(n, d, v)
     with jax.enable_x64(True):
@@ -192,34 +227,64 @@ def precision_table(size) -> None:
             lambda h, k: jxent.softmax_cross_entropy(h @ k, targets, reduction="sum"), (0, 1)
         ))(np.asarray(hidden, np.float64), np.asarray(kernel, np.float64))
         exact = np.asarray(exact[1])
-    candidates = {("materialised", "—"): lambda h, k: jxent.softmax_cross_entropy(
-        jnp.dot(h, k, preferred_element_type=jnp.float32), targets, reduction="sum")}
-    for policy in ("accurate", "balanced", "compact"):
-        for chunks in (16, 64):
-            candidates[(f"fused {policy}", chunks)] = (
-                lambda h, k, p=policy, c=n // chunks: jxent.linear_cross_entropy(
-                    h, k, targets, reduction="sum", chunk_size=c, precision=p))
+    out = {}
+    for (name, chunks), loss in precision_candidates(n, targets).items():
+        compiled = jax.jit(jax.grad(loss, (0, 1))).lower(hidden, kernel).compile()
+        row = {}
+        if timed:
+            row["temp"] = compiled.memory_analysis().temp_size_in_bytes / 2**20
+            row["products"] = {p: gradient_products(loss, hidden, kernel, p)
+                               for p in ("cpu", "cuda")}
+            jax.block_until_ready(compiled(hidden, kernel))
+        start = time.perf_counter()
+        grads = jax.block_until_ready(compiled(hidden, kernel))
+        row["seconds"] = time.perf_counter() - start
+        error = np.abs(np.asarray(grads[1], np.float64) - exact)
+        row["max"] = float(error.max())
+        row["rel"] = float(np.linalg.norm(error) / np.linalg.norm(exact))
+        row["beyond"] = int(np.sum(error > 5e-2 + 5e-2 * np.abs(exact)))
+        out[f"{name}|{chunks}"] = row
+        release_free_memory()
+    return out
+
+
+STRICT_FLAG = "--xla_allow_excess_precision=false"
+
+
+def precision_table(size) -> None:
+    """bf16 inputs: each program's products, its error against float64, its time and memory.
+
+    The errors twice: as XLA:CPU computes (it may keep float32 where bf16 was
+    asked: excess precision), and with every bf16 rounding the program asks
+    for honoured (``XLA_FLAGS=--xla_allow_excess_precision=false``, in a
+    child process), as a GPU or TPU rounds.
+    """
+    n, d, v = size
+    ours = precision_errors(size, timed=True)
+    env = dict(os.environ, XLA_FLAGS=(os.environ.get("XLA_FLAGS", "") + " " + STRICT_FLAG))
+    child = subprocess.run(
+        [sys.executable, __file__, "--precision-errors", ",".join(map(str, size))],
+        env=env, capture_output=True, text=True, check=True,
+    )
+    strict = json.loads(child.stdout.strip().splitlines()[-1])
     print()
     print(f"bf16 hidden and kernel, N, D, V = {n}, {d}, {v} (large logits: hidden = 30·u + "
           "noise, targets drawn from the model), reduction \"sum\"; errors of ∂/∂kernel "
-          "against float64 on the same bf16 values; one timed run after a warm-up")
+          "against float64 on the same bf16 values, as XLA:CPU computes and with bf16 "
+          f"rounding honoured (`XLA_FLAGS={STRICT_FLAG}`: as a GPU or TPU rounds); "
+          "products of the gradient program as lowered for cpu and for cuda; one timed run "
+          "after a warm-up. Defaults: fused accurate on CPU, fused balanced on GPU/TPU.")
     print()
-    print("| gradient | chunks | time (s) | temp (MiB) | max abs error | ‖error‖ / ‖exact‖ "
-          "| entries beyond 5e-2 + 5e-2·abs(exact) |")
-    print("|---|---:|---:|---:|---:|---:|---:|")
-    for (name, chunks), loss in candidates.items():
-        compiled = jax.jit(jax.grad(loss, (0, 1))).lower(hidden, kernel).compile()
-        temp = compiled.memory_analysis().temp_size_in_bytes / 2**20
-        jax.block_until_ready(compiled(hidden, kernel))
-        start = time.perf_counter()
-        grads = jax.block_until_ready(compiled(hidden, kernel))
-        seconds = time.perf_counter() - start
-        error = np.abs(np.asarray(grads[1], np.float64) - exact)
-        rel = np.linalg.norm(error) / np.linalg.norm(exact)
-        beyond = int(np.sum(error > 5e-2 + 5e-2 * np.abs(exact)))
-        print(f"| {name} | {chunks} | {seconds:.2f} | {temp:.0f} | {error.max():.3g} "
-              f"| {rel:.2e} | {beyond} |", flush=True)
-        release_free_memory()
+    print("| gradient | chunks | products, cpu | products, cuda | time (s) | temp (MiB) "
+          "| max abs error | ‖error‖ / ‖exact‖ | beyond 5e-2 + 5e-2·abs(exact) "
+          "| ‖error‖ / ‖exact‖, bf16 honoured | beyond, bf16 honoured |")
+    print("|---|---:|---|---|---:|---:|---:|---:|---:|---:|---:|")
+    for key, r in ours.items():
+        name, chunks = key.split("|")
+        s = strict[key]
+        print(f"| {name} | {chunks} | {r['products']['cpu']} | {r['products']['cuda']} "
+              f"| {r['seconds']:.2f} | {r['temp']:.0f} | {r['max']:.3g} | {r['rel']:.2e} "
+              f"| {r['beyond']} | {s['rel']:.2e} | {s['beyond']} |", flush=True)
 
 
 def main():
@@ -233,8 +298,13 @@ def main():
         help='"N,D,V[;N,D,V...]": these sizes instead of the default ones',
     )
     parser.add_argument("--no-bf16", action="store_true", help="skip the bf16 precision table")
+    parser.add_argument("--precision-errors", default=None, help=argparse.SUPPRESS)
     add_argument(parser)
     args = parser.parse_args()
+    if args.precision_errors:  # the child process of precision_table: errors only, as JSON
+        size = tuple(int(x) for x in args.precision_errors.split(","))
+        print(json.dumps(precision_errors(size, timed=False)))
+        return
     with report(args.update_docs):
         sizes = args.sizes or (QUICK_SIZES if args.quick else SIZES)
         rounds = args.rounds or (5 if args.quick else 3)

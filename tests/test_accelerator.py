@@ -152,7 +152,7 @@ def test_cross_entropy_gradient_on_gpu_and_tpu_is_bf16_products_and_a_float32_ca
     assert products(text) == {
         ((CHUNK, D), "bf16", (D, V), "bf16", (CHUNK, V), "f32"),
         ((CHUNK, V), "bf16", (D, V), "bf16", (CHUNK, D), "f32"),
-        ((CHUNK, D), "bf16", (CHUNK, V), "bf16", (D, V), "f32"),
+        ((D, CHUNK), "bf16", (CHUNK, V), "bf16", (D, V), "f32"),  # the chunk's hᵀ: [D, C]
     }
     # The kernel's gradient is a float32 carry of the chunk loop.
     assert any(((D, V), "f32") in carries for carries in loop_carries(text))

@@ -117,7 +117,13 @@ def write(out, value, start, fresh):
 
 
 def _product(a, b, contract: tuple[int, int], acc):
-    """``a · b`` over axes ``contract`` of each, accumulated in ``acc``: no transposed copy."""
+    """``a · b`` contracted over axes ``contract`` of each, accumulated in ``acc``.
+
+    ``g · kernelᵀ`` contracts the kernel's class axis in place (no transposed
+    copy of the kernel); ``hᵀ · g`` takes the chunk's small ``[D, C]``
+    transpose, which XLA:CPU multiplies faster than it contracts rows (about
+    5 % on the whole step at N, D, V = 4096, 512, 32768).
+    """
     dims = (((contract[0],), (contract[1],)), ((), ()))
     return jax.lax.dot_general(a, b, dims, preferred_element_type=acc)
 
@@ -142,14 +148,14 @@ def outer_block(chunk: int, features: int, classes: int, platform: str) -> int |
 def _accumulate_outer(d_kernel, h, g, acc, width: int | None):
     """``d_kernel + h.T @ g`` for ``h [C, D]`` and ``g [C, V]``, updated in place."""
     if width is None:
-        return d_kernel + _product(h, g, (0, 0), acc).astype(d_kernel.dtype)
+        return d_kernel + _product(h.T, g, (1, 0), acc).astype(d_kernel.dtype)
     v = d_kernel.shape[1]
     full = v // width
 
     def add_block(lo, d_kernel, size):
         part = jax.lax.dynamic_slice_in_dim(d_kernel, lo, size, axis=1)
         g_part = jax.lax.dynamic_slice_in_dim(g, lo, size, axis=1)
-        part = part + _product(h, g_part, (0, 0), acc).astype(part.dtype)
+        part = part + _product(h.T, g_part, (1, 0), acc).astype(part.dtype)
         return jax.lax.dynamic_update_slice_in_dim(d_kernel, part, lo, axis=1)
 
     d_kernel = loop(full, lambda j, dk: add_block(j * width, dk, width), d_kernel)
