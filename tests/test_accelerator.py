@@ -106,6 +106,17 @@ def _distillation(h, k, t, **kw):
     return jxent.distillation_loss(jxent.LinearLogits(h, k, **kw), teacher, shift=False)
 
 
+def _class_log_probs(h, k, t, **kw):
+    ids = jnp.stack([t, (t + 1) % V], axis=-1)
+    return jnp.sum(jxent.class_log_probs(jxent.LinearLogits(h, k, **kw), ids))
+
+
+def _topk_distillation(h, k, t, **kw):
+    ids = jnp.stack([t, (t + 1) % V], axis=-1)
+    teacher = jxent.TopK(ids, jnp.log(jnp.full(ids.shape, 0.25)))
+    return jxent.distillation_loss(jxent.LinearLogits(h, k, **kw), teacher, shift=False)
+
+
 FUSED = {
     "softmax_cross_entropy": _ce,
     "softmax_cross_entropy none": _ce_positions,
@@ -114,6 +125,8 @@ FUSED = {
     "token_stats": _token_stats,
     "token_objective": _token_objective,
     "distillation_loss": _distillation,
+    "distillation_loss TopK": _topk_distillation,
+    "class_log_probs": _class_log_probs,
 }
 
 
