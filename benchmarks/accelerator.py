@@ -39,6 +39,7 @@ import numpy as np
 from _report import add_argument, report
 
 import jxent
+from jxent._testing import compiled_products, product_dtypes
 
 SIZES = [(16384, 4096, 128256), (32768, 2560, 128256)]
 DTYPES = {"bf16": jnp.bfloat16, "f32": jnp.float32}
@@ -46,42 +47,7 @@ DTYPES = {"bf16": jnp.bfloat16, "f32": jnp.float32}
 LAST_GPU = ("jxent 0.2.0 on an H200, float32 inputs (TF32 products): "
             "fused value-and-gradient 1.35–1.6× materialised")
 
-# One HLO instruction: "%name = type[shape]{layout} opcode(%operand, ...), attributes".
-_INSTRUCTION = re.compile(
-    r"^\s*(?:ROOT )?(%[\w.-]+) = \(?([a-z]+[0-9]*)\[[^=]*?\s([\w-]+)\((.*?)\)"
-)
-_GEMM_TARGET = re.compile(r'custom_call_target="(__cublas\$[^"]*|__cudnn\$[^"]*)"')
-_TENSOR = r"tensor<[0-9x]*?x?([a-z]+[0-9]*)>"
-_STABLEHLO_DOT = re.compile(
-    r"stablehlo\.dot_general .*?: \(" + _TENSOR + ", " + _TENSOR + r"\) -> " + _TENSOR
-)
-
-
-def compiled_products(hlo: str) -> list[str]:
-    """``lhs·rhs→out`` dtypes of every product in compiled HLO text (sorted, distinct).
-
-    ``dot`` instructions (CPU, TPU, and inside GPU Triton GEMM fusions) and
-    cuBLAS/cuDNN GEMM ``custom-call``s; operands are named, not typed, in the
-    text, so each name is looked up where it is defined (names are unique in
-    an HLO module). A GEMM's first result (a tuple with its workspace) is its
-    output.
-    """
-    dtypes, products = {}, []
-    for line in hlo.splitlines():
-        match = _INSTRUCTION.match(line)
-        if not match:
-            continue
-        name, dtype, opcode, operands = match.groups()
-        dtypes[name] = dtype
-        if opcode == "dot" or (opcode == "custom-call" and _GEMM_TARGET.search(line)):
-            products.append((dtype, re.findall(r"%[\w.-]+", operands)[:2]))
-    return sorted({f"{dtypes.get(a, '?')}·{dtypes.get(b, '?')}→{out}"
-                   for out, (a, b) in products})
-
-
-def lowered_products(text: str) -> list[str]:
-    """``lhs·rhs→out`` dtypes of every ``stablehlo.dot_general`` in lowered text."""
-    return sorted({f"{m[0]}·{m[1]}→{m[2]}" for m in _STABLEHLO_DOT.findall(text)})
+lowered_products = product_dtypes
 
 
 def losses():

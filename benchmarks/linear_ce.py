@@ -45,7 +45,6 @@ import gc
 import json
 import os
 import platform
-import re
 import statistics
 import subprocess
 import sys
@@ -58,6 +57,7 @@ import torch
 from _report import add_argument, report
 
 import jxent
+from jxent._testing import lowered, product_dtypes
 
 SIZES = [(4096, 512, 32768), (8192, 1024, 131072)]
 QUICK_SIZES = [(2048, 256, 16384), (2048, 512, 32768)]
@@ -210,12 +210,8 @@ def precision_candidates(n, targets) -> dict:
 
 def gradient_products(loss, hidden, kernel, platform: str) -> str:
     """The dtypes of the products of ``grad(loss)`` as lowered for ``platform``."""
-    text = jax.export.export(jax.jit(jax.grad(loss, (0, 1))), platforms=(platform,))(
-        hidden, kernel).mlir_module()
-    tensor = r"tensor<[0-9x]*?x?([a-z]+[0-9]*)>"
-    found = re.findall(r"stablehlo\.dot_general .*?: \(" + tensor + ", " + tensor + r"\) -> "
-                       + tensor, text)
-    return ", ".join(sorted({f"{a}·{b}→{c}" for a, b, c in found}))
+    text = lowered(jax.grad(loss, (0, 1)), hidden, kernel, platforms=(platform,))
+    return ", ".join(product_dtypes(text))
 
 
 def precision_errors(size, timed: bool) -> dict:

@@ -31,11 +31,9 @@ os.environ["XLA_FLAGS"] = (
 
 import argparse  # noqa: E402
 import platform  # noqa: E402
-import re  # noqa: E402
 import statistics  # noqa: E402
 import sys  # noqa: E402
 import time  # noqa: E402
-from collections import Counter  # noqa: E402
 
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
@@ -44,6 +42,7 @@ from jax.sharding import AxisType, NamedSharding  # noqa: E402
 from jax.sharding import PartitionSpec as P  # noqa: E402
 
 import jxent  # noqa: E402
+from jxent._testing import collectives, summary  # noqa: E402
 
 LAYOUTS = {
     "data": (P("data"), P()),
@@ -54,15 +53,6 @@ LAYOUTS = {
 
 def log(message: str) -> None:
     print(f"[{time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
-
-
-def collectives(hlo: str) -> str:
-    found = Counter()
-    for m in re.finditer(r"=\s*(.*?)\s(all-gather|all-reduce|reduce-scatter|all-to-all|"
-                         r"collective-permute)(-start)?\(", hlo):
-        shapes = ", ".join(re.findall(r"[a-z]\d+\[[\d,]*\]", m.group(1)))
-        found[f"{m.group(2)} {shapes}"] += 1
-    return "; ".join(f"{n}× {what}" for what, n in sorted(found.items())) or "none"
 
 
 def mesh_for(layout: str, kind) -> jax.sharding.Mesh:
@@ -91,7 +81,7 @@ def measure(size, layout: str, kind, rounds: int):
             log(f"compiling {name}, {layout}, {kind.name}")
             compiled = jax.jit(jax.value_and_grad(loss, argnums=(0, 1))).lower(*args).compile()
             temps[name] = compiled.memory_analysis().temp_size_in_bytes / 2**20
-            comms[name] = collectives(compiled.as_text())
+            comms[name] = summary(collectives(compiled.as_text()))
             cases[name] = compiled
             out = compiled(*args)  # warm-up
             jax.block_until_ready(out)

@@ -29,9 +29,7 @@ os.environ["XLA_FLAGS"] = (
     os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
 ).strip()
 
-import re  # noqa: E402
 import sys  # noqa: E402
-from collections import Counter  # noqa: E402
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
@@ -40,6 +38,7 @@ from jax.sharding import AxisType, NamedSharding  # noqa: E402
 from jax.sharding import PartitionSpec as P  # noqa: E402
 
 import jxent  # noqa: E402
+from jxent._testing import collectives, summary  # noqa: E402
 
 B, T, D, V = 8, 16, 32, 256  # batch over `data`, vocabulary over `model`
 
@@ -83,21 +82,6 @@ def vocab_parallel_fused(hidden, kernel, tokens, mask):
 
 
 SPECS = (P("data"), P(None, "model"), P("data"), P("data"))  # hidden, kernel, tokens, mask
-
-
-def collectives(compiled) -> str:
-    """The collective operations in a compiled program, with the shapes they move."""
-    found = Counter()
-    for line in compiled.as_text().splitlines():
-        match = re.search(
-            r"=\s*(.*?)\s(all-gather|all-reduce|reduce-scatter|all-to-all|collective-permute)"
-            r"(?:-start)?\(",
-            line,
-        )
-        if match:
-            shapes = ", ".join(re.findall(r"[a-z]\d+\[[\d,]*\]", match.group(1)))
-            found[f"{match.group(2)} {shapes}"] += 1
-    return "; ".join(f"{n}× {what}" for what, n in sorted(found.items())) or "none"
 
 
 def main() -> int:
@@ -144,7 +128,7 @@ def main() -> int:
             f"{'' if close else '  <-- MISMATCH'}"
         )
         print(f"  kernel shard per device: {args[1].addressable_shards[0].data.shape}")
-        print(f"  collectives: {collectives(compiled)}")
+        print(f"  collectives: {summary(collectives(compiled.as_text()))}")
     if not ok:
         print("\nFAILED: a mesh path differs from the single-device result")
         return 1

@@ -51,7 +51,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import re
 import signal
 import socket
 import subprocess
@@ -189,6 +188,7 @@ from jax.sharding import AxisType, Mesh, NamedSharding  # noqa: E402
 from jax.sharding import PartitionSpec as P  # noqa: E402
 
 import jxent  # noqa: E402
+from jxent._testing import collectives, summary  # noqa: E402
 
 # ------------------------------------------------------------------------------- worker
 
@@ -299,7 +299,7 @@ class Runtime:
         jax.eval_shape(fn, *abstract)
         arrays = [self.place(s, spec, mesh) for s, spec in zip(sources, specs, strict=True)]
         compiled = jax.jit(fn).lower(*arrays).compile()
-        self.collectives = collectives(compiled.as_text())
+        self.collectives = summary(collectives(compiled.as_text()))
         return compiled(*arrays)
 
     def place(self, source: Source, spec, mesh: Mesh | None = None) -> jax.Array:
@@ -325,21 +325,6 @@ class Runtime:
                 diff = np.abs(np.asarray(shard.data, np.float64) - w[shard.index])
                 worst = max(worst, float(np.max(diff, initial=0.0)) / scale)
         return worst
-
-
-def collectives(hlo: str) -> str:
-    """The collectives of a compiled per-device program, with the shapes they move."""
-    found = Counter()
-    for line in hlo.splitlines():
-        match = re.search(
-            r"=\s*(.*?)\s(all-gather|all-reduce|reduce-scatter|all-to-all|collective-permute)"
-            r"(?:-start)?\(",
-            line,
-        )
-        if match:
-            shapes = ", ".join(re.findall(r"[a-z]\d+\[[\d,]*\]", match.group(1)))
-            found[f"{match.group(2)} {shapes}"] += 1
-    return "; ".join(f"{n}× {what}" for what, n in sorted(found.items())) or "none"
 
 
 # One function per check: (runtime, sources) -> (got on the mesh, reference, what to print).

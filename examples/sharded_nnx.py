@@ -21,9 +21,7 @@ os.environ["XLA_FLAGS"] = (
     os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
 ).strip()
 
-import re  # noqa: E402
 import sys  # noqa: E402
-from collections import Counter  # noqa: E402
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
@@ -34,6 +32,7 @@ from jax.sharding import AxisType, NamedSharding  # noqa: E402
 from jax.sharding import PartitionSpec as P  # noqa: E402
 
 import jxent  # noqa: E402
+from jxent._testing import collectives, summary  # noqa: E402
 
 B, T, D, V, STEPS = 8, 16, 32, 512, 3
 
@@ -110,15 +109,6 @@ class _null:
         return False
 
 
-def collectives(hlo: str) -> Counter:
-    """``op result-shape`` of every collective in the compiled step."""
-    found = Counter()
-    for m in re.finditer(r"=\s*(.*?)\s(all-gather|all-reduce|reduce-scatter|all-to-all|"
-                         r"collective-permute)(-start)?\(", hlo):
-        found[f"{m.group(2)} {m.group(1)}"] += 1
-    return found
-
-
 def main() -> int:
     want_losses, want_params, _, _ = train()
     print(f"one device:  losses {', '.join(f'{x:.6f}' for x in want_losses)}")
@@ -137,10 +127,10 @@ def main() -> int:
             "head kernel": tuple(kernel.sharding.spec),
         }
         found = collectives(hlo)
-        gathered = [c for c in found if c.startswith("all-gather")]
+        gathered = [c for c in found if c.op == "all-gather"]
         print(f"         gradient shardings {specs}; collectives of the step:")
-        for name, count in sorted(found.items()):
-            print(f"           {count}x {name}")
+        for line in summary(found).split("; "):
+            print(f"           {line}")
         ok = same and not gathered and specs["head kernel"][-1] == "model"
         print(f"         {'same as one device, nothing gathered' if ok else 'MISMATCH'}")
         status |= not ok

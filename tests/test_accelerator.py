@@ -26,48 +26,10 @@ import pytest
 
 import jxent
 from jxent._engine import default_chunk_size, default_precision
+from jxent._testing import converts, loop_carries, lowered, products
 
 N, D, V = 320, 48, 1000  # small, every dimension different: a shape names its role
 CHUNK = 64  # 5 chunks
-
-_TENSOR = r"tensor<([0-9x]*?)x?([a-z]+[0-9]*)>"
-_DOT = re.compile(
-    r"stablehlo\.dot_general .*?: \(" + _TENSOR + r", " + _TENSOR + r"\) -> " + _TENSOR
-)
-_CONVERT = re.compile(r"stablehlo\.convert .*?: \(" + _TENSOR + r"\) -> " + _TENSOR)
-
-
-def _shape(text: str) -> tuple[int, ...]:
-    return tuple(int(x) for x in text.split("x") if x)
-
-
-def products(program: str) -> set[tuple]:
-    """``(lhs shape, lhs dtype, rhs shape, rhs dtype, out shape, out dtype)`` of every product."""
-    return {
-        (_shape(m[0]), m[1], _shape(m[2]), m[3], _shape(m[4]), m[5])
-        for m in _DOT.findall(program)
-    }
-
-
-def converts(program: str) -> set[tuple]:
-    """``(shape, from dtype, to dtype)`` of every dtype conversion."""
-    return {(_shape(m[0]), m[1], m[3]) for m in _CONVERT.findall(program)}
-
-
-def loop_carries(program: str) -> list[list[tuple]]:
-    """The ``(shape, dtype)`` of each ``stablehlo.while`` loop's carries."""
-    out = []
-    for line in program.splitlines():
-        if "stablehlo.while(" in line:
-            types = line.rsplit(") : ", 1)[1]
-            out.append([(_shape(s), t) for s, t in re.findall(_TENSOR, types)])
-    return out
-
-
-def lowered(fn, *args, platforms=("cuda", "tpu")) -> str:
-    """The StableHLO text of ``jit(fn)`` exported for ``platforms``."""
-    return jax.export.export(jax.jit(fn), platforms=platforms)(*args).mlir_module()
-
 
 def avals(dtype, n=N, d=D, v=V):
     return (jax.ShapeDtypeStruct((n, d), dtype), jax.ShapeDtypeStruct((d, v), dtype),

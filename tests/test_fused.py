@@ -1,7 +1,8 @@
 """``LinearLogits``: every token-level function, fused, equals the same function on the logits.
 
-One harness: for a call ``f(logits)`` it compares the value and the vector-
-Jacobian product (a seeded, non-uniform cotangent for every floating output)
+The shared harness, :func:`jxent._testing.fused_and_dense`: for a call
+``f(logits)`` it compares the value and the vector-Jacobian product (a
+seeded, non-uniform cotangent for every floating output)
 with respect to ``hidden``, ``kernel`` and ``bias`` of ``f(LinearLogits(h, K, b))``
 and of ``f(h @ K + b)``, to 1e-5 relative in float32. Chunks of 4 positions
 over 13 or 14 positions exercise the shifted last chunk. Each group of cases
@@ -20,6 +21,9 @@ import pytest
 
 import jxent
 from jxent import LinearLogits
+from jxent._testing import cotangent as _cotangent
+from jxent._testing import dense_logits
+from jxent._testing import fused_and_dense as _fused_and_dense
 
 B, T, D, V = 2, 7, 6, 11
 CHUNK = 4
@@ -37,45 +41,12 @@ def draw(rng, *, dtype=np.float32, scale=1.0):
     return hidden, kernel, bias, tokens, where, weights
 
 
-def dense(h, k, b):
-    """The materialised logits ``h @ k + b`` (float32 accumulation, as the fused path)."""
-    logits = jnp.dot(h, k, preferred_element_type=jnp.float32)
-    return logits + jnp.reshape(b.astype(jnp.float32), (1,) * (logits.ndim - 1) + (-1,))
-
-
-def _cotangent(out, seed=0):
-    rng = np.random.default_rng(seed)
-    return jax.tree.map(
-        lambda x: (
-            jnp.asarray(rng.uniform(0.5, 1.5, x.shape), x.dtype)
-            if jnp.issubdtype(x.dtype, jnp.inexact)
-            else np.zeros(x.shape, jax.dtypes.float0)
-        ),
-        out,
-    )
+dense = dense_logits
 
 
 def fused_and_dense(calls, hidden, kernel, bias, chunk_size=CHUNK):
-    """``{name: ((value, grads) fused, (value, grads) dense)}`` for ``calls[name](logits)``."""
-
-    @jax.jit
-    def run(hidden, kernel, bias):
-        out = {}
-        for name, f in calls.items():
-            pair = []
-            for fused in (True, False):
-
-                def g(h, k, b, fused=fused, f=f):
-                    if fused:
-                        return f(LinearLogits(h, k, b, chunk_size=chunk_size))
-                    return f(dense(h, k, b))
-
-                value, pull = jax.vjp(g, hidden, kernel, bias)
-                pair.append((value, pull(_cotangent(value))))
-            out[name] = tuple(pair)
-        return out
-
-    return run(hidden, kernel, bias)
+    """``{name: (fused, dense)}``: the shared harness at this file's chunk size."""
+    return _fused_and_dense(calls, hidden, kernel, bias, chunk_size=chunk_size)
 
 
 def assert_fused_equals_dense(results, tol=TOL):
