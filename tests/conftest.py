@@ -1,18 +1,37 @@
-"""Strict mode for the whole suite: no silent rank promotion, seeded randomness.
+"""Strict mode for the whole suite, eight simulated devices, seeded randomness.
 
-The quick tier, ``pytest -m "not slow"`` (about a minute on 2 cores), leaves
-out the tests marked ``@pytest.mark.slow`` where they are defined (any test
-over about a second: subprocesses and simulated meshes, notebooks, trained
-models, sweeps of the fused engine, numerical gradient checks) and the
-doctests; ``pytest`` (what CI runs) runs everything. Measure the tiers with
-``pytest -m "not slow" --durations=20``.
+Every test process has 8 CPU devices (``--xla_force_host_platform_device_count``),
+so the multi-device checks are ordinary tests in the same process as the rest;
+a single-device computation runs on the first device as before. The flag is
+set here, before the backend starts, and taken out of the environment again so
+that subprocesses (notebook kernels, examples) start as a user's would.
+
+The quick tier, ``pytest -m "not slow"``, leaves out the tests marked
+``@pytest.mark.slow`` where they are defined and the doctests; ``pytest`` runs
+everything. Measure with ``pytest --durations=20``.
 """
 
-import jax
-import numpy as np
-import pytest
+import importlib.util
+import os
+from pathlib import Path
+
+DEVICES = 8
+_flags = os.environ.get("XLA_FLAGS", "")
+os.environ["XLA_FLAGS"] = f"{_flags} --xla_force_host_platform_device_count={DEVICES}".strip()
+
+import jax  # noqa: E402
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
 
 jax.config.update("jax_numpy_rank_promotion", "raise")
+assert jax.device_count() == DEVICES, (
+    f"the suite needs {DEVICES} CPU devices, found {jax.device_count()}: "
+    "was the backend started before tests/conftest.py set XLA_FLAGS?"
+)
+if _flags:
+    os.environ["XLA_FLAGS"] = _flags
+else:
+    del os.environ["XLA_FLAGS"]
 
 
 @pytest.hookimpl(tryfirst=True)
@@ -27,3 +46,28 @@ def pytest_collection_modifyitems(items):
 def rng() -> np.random.Generator:
     """A seeded NumPy generator, fresh for every test."""
     return np.random.default_rng(20261129)
+
+
+@pytest.fixture
+def example(capsys):
+    """``example(name) -> (status, stdout)``: ``examples/<name>.py``'s ``main()``, in this process.
+
+    The examples set ``XLA_FLAGS`` for 8 devices before importing jax; here
+    jax already has the suite's 8, so the flag is a no-op, and the environment
+    is restored afterwards so later subprocesses do not inherit it.
+    """
+
+    def run(name: str):
+        path = Path(__file__).parents[1] / "examples" / f"{name}.py"
+        saved = dict(os.environ)
+        try:
+            spec = importlib.util.spec_from_file_location(f"_example_{name}", path)
+            module = importlib.util.module_from_spec(spec)
+            spec.loader.exec_module(module)
+            status = module.main()
+        finally:
+            os.environ.clear()
+            os.environ.update(saved)
+        return status, capsys.readouterr().out
+
+    return run

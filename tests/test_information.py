@@ -475,10 +475,10 @@ def test_check_grads_interior(rng):
     p, q = (f64(simplex(rng, (2, 4), floor=0.3)) for _ in range(2))
     a, b = rng.normal(size=(2, 2, 4))
     with jax.enable_x64(True):  # finite differences need float64
-        check_grads(every_function, (p, q, a), order=2, modes=("fwd", "rev"))
+        check_grads(jax.jit(every_function), (p, q, a), order=2, modes=("fwd", "rev"))
         # Second order of the distillation KL is slow to compile; its Hessian is
         # checked against the calculus in test_hessians_match_the_calculus.
-        check_grads(kl_divergence_from_logits, (a, b), order=1, modes=("fwd", "rev"))
+        check_grads(jax.jit(kl_divergence_from_logits), (a, b), order=1, modes=("fwd", "rev"))
 
 
 def test_cross_entropy_gradient_in_p_is_minus_log_q(rng):
@@ -489,7 +489,8 @@ def test_cross_entropy_gradient_in_p_is_minus_log_q(rng):
     chex.assert_trees_all_close(grad_p, -np.log(q), **TOL)
     chex.assert_trees_all_close(grad_q, -p / q, **TOL)
     with jax.enable_x64(True):
-        check_grads(lambda p: cross_entropy(p, f64(q)), (f64(p),), order=1, modes=("fwd", "rev"))
+        check_grads(jax.jit(lambda p: cross_entropy(p, f64(q))), (f64(p),), order=1,
+                    modes=("fwd", "rev"))
 
 
 @pytest.mark.slow

@@ -1,13 +1,11 @@
-"""Multi-device checks of the vocab- and data-parallel losses, run as a script.
+"""Multi-device checks of the vocab- and data-parallel losses, inside ``shard_map``.
 
-    XLA_FLAGS=--xla_force_host_platform_device_count=8 python tests/mesh_checks.py [GROUP ...]
-
-``tests/test_parallel.py`` runs each group in a subprocess, so the rest of the
-suite keeps its single device. Every check compares a computation on a mesh
-(``jax.shard_map`` over 4 devices, 8 devices, or a 2 × 4 data × model mesh)
-with the same computation on one device: values and gradients to 1e-5. The
-script prints one line per check, then every failure with its case, and exits
-1 when anything failed (2 when it was started without 8 devices).
+Every check compares a computation on a mesh (``jax.shard_map`` over 4
+devices, 8 devices, or a 2 × 4 data × model mesh) with the same computation on
+one device: values and gradients to 1e-5. Each ``@check`` function is one
+pytest item (``test_<name>``, slow) that runs all its cases and fails listing
+every failing case by label. The 8 simulated devices come from
+``tests/conftest.py``.
 
 Groups: ``softmax`` (vocab-parallel ``softmax_cross_entropy``, every option
 and reduction), ``data`` (data-parallel ``nll_stats`` + ``psum``, and the
@@ -25,8 +23,6 @@ from __future__ import annotations
 import contextlib
 import math
 import re
-import sys
-import time
 import traceback
 import zlib
 from collections.abc import Callable
@@ -37,21 +33,37 @@ import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 import jxent
+from jxent._testing import collectives
 
 TOL = 1e-5
-CHECKS: dict[str, list] = {}
 FAILURES: list[str] = []
 
 
 def check(group: str):
-    """Register a check function under ``group``."""
+    """Make ``fn`` the pytest item ``test_<fn name>`` (slow): every failing case listed by label.
+
+    The function runs its cases one after another (``with case(label):``), so
+    one failing case does not hide the next; the item fails naming each.
+    """
 
     def register(fn):
-        CHECKS.setdefault(group, []).append(fn)
+        def test():
+            FAILURES.clear()
+            fn()
+            if FAILURES:
+                raise AssertionError(
+                    f"{len(FAILURES)} failing case(s) in {group}/{fn.__name__}:\n"
+                    + "\n".join(f"--- {failure}" for failure in FAILURES)
+                )
+
+        test.__name__ = test.__qualname__ = f"test_{fn.__name__}"
+        test.__doc__ = fn.__doc__
+        globals()[test.__name__] = pytest.mark.slow(test)
         return fn
 
     return register
@@ -780,24 +792,6 @@ def linear_without_vma_checks():
             close(jax.jit(sharded)(*args), jax.jit(reference)(*args))
 
 
-def collectives(hlo: str) -> list[tuple[str, list[tuple[int, ...]]]]:
-    """``(op, [operand/result shapes])`` for every collective instruction in HLO text."""
-    found = []
-    for line in hlo.splitlines():
-        match = re.search(
-            r"=\s*(.*?)\s(all-gather|all-reduce|reduce-scatter|all-to-all|collective-permute)"
-            r"(-start)?\(",
-            line,
-        )
-        if match:
-            shapes = [
-                tuple(int(d) for d in dims.split(",") if d)
-                for dims in re.findall(r"[a-z]\d*\[([\d,]*)\]", match.group(1))
-            ]
-            found.append((match.group(2), shapes))
-    return found
-
-
 @check("linear")
 def linear_communication_and_memory():
     """Compiled program at k = 4 and 8 shards: no all-gather, small all-reduces, 1/k memory.
@@ -831,7 +825,7 @@ def linear_communication_and_memory():
             check_vma=False,
         )
         found = collectives(jax.jit(gather).lower(kernel).compile().as_text())
-        assert any(op == "all-gather" and (d, v) in shapes for op, shapes in found), found
+        assert any(c.op == "all-gather" and (d, v) in c.shapes for c in found), found
 
     single = jax.jit(value_and_grads(None)).lower(hidden, kernel, bias, targets).compile()
     single_temp = single.memory_analysis().temp_size_in_bytes
@@ -852,11 +846,11 @@ def linear_communication_and_memory():
         with case(f"linear, {k} shards: only small all-reduces in the compiled HLO"):
             found = collectives(compiled.as_text())
             assert found, "expected all-reduces of [tokens] vectors, found no collective"
-            for op, shapes in found:
-                assert op == "all-reduce", f"{op} of {shapes} in the compiled program"
-                for shape in shapes:
-                    assert v not in shape and v // k not in shape, f"vocab-sized {op} {shape}"
-                    assert math.prod(shape) <= n * d, f"{op} of {shape}: more than tokens × D"
+            for c in found:
+                assert c.op == "all-reduce", f"{c.op} of {c.shapes} in the compiled program"
+                for shape in c.shapes:
+                    assert v not in shape and v // k not in shape, f"vocab-sized {c.op} {shape}"
+                    assert math.prod(shape) <= n * d, f"{c.op} of {shape}: more than tokens × D"
         with case(f"linear, {k} shards: temp memory about 1/{k} of one device's"):
             temp = compiled.memory_analysis().temp_size_in_bytes
             print(f"  {k} shards: temp {temp} B per device, one device {single_temp} B")
@@ -1473,39 +1467,3 @@ def uneven_vocabulary_and_unsharded_class_arrays():
     with case("linear_cross_entropy: vocab_axis_name outside shard_map"):
         pattern = r"vocab_axis_name='model' is not a mesh axis bound here"
         expect(ValueError, pattern, linear, jnp.zeros((B, T, D)), jnp.zeros((D, 32)), targets)
-
-
-# ------------------------------------------------------------------------------ main
-
-
-def main(argv: list[str]) -> int:
-    if jax.device_count() < 8:
-        print(
-            f"mesh_checks needs 8 devices, found {jax.device_count()}: run it as "
-            "XLA_FLAGS=--xla_force_host_platform_device_count=8 python tests/mesh_checks.py"
-        )
-        return 2
-    jax.config.update("jax_numpy_rank_promotion", "raise")
-    groups = argv or list(CHECKS)
-    unknown = [g for g in groups if g not in CHECKS]
-    if unknown:
-        print(f"unknown group(s) {unknown}; choose from {list(CHECKS)}")
-        return 2
-    for group in groups:
-        for fn in CHECKS[group]:
-            start, before = time.perf_counter(), len(FAILURES)
-            with case(f"{group}/{fn.__name__}"):
-                fn()
-            status = "ok  " if len(FAILURES) == before else "FAIL"
-            print(f"{status} {group}/{fn.__name__} ({time.perf_counter() - start:.1f} s)")
-    if FAILURES:
-        print(f"\n{len(FAILURES)} failure(s):")
-        for failure in FAILURES:
-            print(f"--- {failure}")
-        return 1
-    print("all mesh checks passed")
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main(sys.argv[1:]))

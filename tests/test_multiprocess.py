@@ -26,7 +26,7 @@ import pytest
 pytestmark = pytest.mark.slow  # every test here starts processes or trains models
 
 EXAMPLE = Path(__file__).parents[1] / "examples" / "multiprocess.py"
-# Faster compilation of the same programs (as tests/test_parallel.py does).
+# Faster compilation of the same programs (the LLVM passes only; the HLO is the same).
 FAST_COMPILE = "--xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true"
 
 
@@ -103,7 +103,7 @@ def test_mismatched_local_devices_are_refused():
 
 
 def test_uneven_vocabulary_gets_shard_maps_error():
-    """The same error as in one process (``tests/mesh_checks.py``'s ``errors`` group)."""
+    """The same error as in one process (``tests/test_mesh.py``'s ``errors`` check)."""
     code, out, _ = run("--vocab", "30", timeout=60)
     assert code != 0, out
     assert (

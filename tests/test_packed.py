@@ -65,81 +65,73 @@ def as_logits(fused, h, k):
     ],
 )
 def test_packed_rows_equal_each_document_scored_alone(rng, fused, shift):
+    """One compiled program: every packed quantity and its documents-alone reference."""
     segments, tokens, where, hidden, kernel = packed(rng)
-
-    def alone(f):
-        """Σ over documents of f(document's hidden, tokens)."""
-        def total(h, k):
-            out = 0.0
-            for r, start, stop in documents():
-                out = out + f(as_logits(fused, h[r : r + 1, start:stop], k),
-                              tokens[r : r + 1, start:stop])
-            return out
-        return total
-
-    def both(f_packed, f_doc):
-        got = jax.jit(jax.value_and_grad(f_packed, (0, 1)))(hidden, kernel)
-        want = jax.jit(jax.value_and_grad(alone(f_doc), (0, 1)))(hidden, kernel)
-        close(got, want)
-
     nll = lambda x, t, **o: jxent.sequence_nll(x, t, shift=shift, **o)
-    # "sum": the negative log-likelihood of the documents.
-    both(lambda h, k: nll(as_logits(fused, h, k), tokens, segment_ids=segments, where=where,
-                          normalize="sum"),
-         lambda x, t: nll(x, t, normalize="sum"))
-    # nll_stats: the sums and counts of the documents.
-    stats = jxent.nll_stats(as_logits(fused, hidden, kernel), tokens, shift=shift,
-                            segment_ids=segments, where=where)
+    packed_opts = dict(segment_ids=segments, where=where)
     # A document's targets: its tokens from the shift-th on, less the ignored ones.
     doc_count = {(r, a, b): int(np.sum(tokens[r, a + shift:b] != -100))
                  for r, a, b in documents()}
     count = sum(doc_count.values())
-    assert float(stats.count) == count
-    # "tokens": the sums over the documents divided by their counts.
-    if count:
-        both(lambda h, k: nll(as_logits(fused, h, k), tokens, segment_ids=segments,
-                              where=where) * count,
-             lambda x, t: nll(x, t, normalize="sum"))
-    # "sequences": each document's mean, then the mean over documents with a target.
     docs_with_targets = [doc for doc, n in doc_count.items() if n]
-    if docs_with_targets:
-        def mean_of_means(h, k):
-            means = [nll(as_logits(fused, h[r:r + 1, a:b], k), tokens[r:r + 1, a:b])
-                     for r, a, b in docs_with_targets]
-            return sum(means) / len(means)
-        got = jax.jit(jax.value_and_grad(
-            lambda h, k: nll(as_logits(fused, h, k), tokens, segment_ids=segments, where=where,
-                             normalize="sequences"), (0, 1)))(hidden, kernel)
-        close(got, jax.jit(jax.value_and_grad(mean_of_means, (0, 1)))(hidden, kernel))
-    # "none" and token_stats, per position: each document's values where it predicts
-    # its own tokens, 0 where a position would predict across a boundary.
-    per = nll(as_logits(fused, hidden, kernel), tokens, segment_ids=segments, where=where,
-              normalize="none")
-    stats = jxent.token_stats(as_logits(fused, hidden, kernel), tokens, shift=shift,
-                              segment_ids=segments, where=where)
-    assert per.shape == (B, T - shift) and stats.log_prob.shape == (B, T - shift)
     long_docs = [(r, a, b) for r, a, b in documents() if b - a > shift]
+    fn = lambda s: -s.log_prob + 0.1 * s.entropy
+
+    def doc(h, k, r, a, b):
+        return as_logits(fused, h[r:r + 1, a:b], k), tokens[r:r + 1, a:b]
+
+    # name -> (packed f(h, k), documents-alone f(h, k)), each differentiated.
+    pairs = {
+        # "sum": the negative log-likelihood of the documents.
+        "sum": (lambda h, k: nll(as_logits(fused, h, k), tokens, normalize="sum", **packed_opts),
+                lambda h, k: sum(nll(*doc(h, k, *d), normalize="sum") for d in documents())),
+        # token_objective: Σ fn over the documents.
+        "token_objective": (
+            lambda h, k: jxent.token_objective(as_logits(fused, h, k), tokens, fn, shift=shift,
+                                               **packed_opts),
+            lambda h, k: sum(jxent.token_objective(*doc(h, k, *d), fn, shift=shift)
+                             for d in documents())),
+    }
+    if count:  # "tokens": the sums over the documents divided by their counts.
+        pairs["tokens"] = (
+            lambda h, k: nll(as_logits(fused, h, k), tokens, **packed_opts) * count,
+            pairs["sum"][1])
+    if docs_with_targets:  # "sequences": each document's mean, then their mean.
+        pairs["sequences"] = (
+            lambda h, k: nll(as_logits(fused, h, k), tokens, normalize="sequences",
+                             **packed_opts),
+            lambda h, k: sum(nll(*doc(h, k, *d)) for d in docs_with_targets)
+            / len(docs_with_targets))
 
     @jax.jit
-    def each_alone(h, k):
-        out = []
-        for r, a, b in long_docs:
-            x = as_logits(fused, h[r:r + 1, a:b], k)
-            out.append((nll(x, tokens[r:r + 1, a:b], normalize="none")[0],
-                        jxent.token_stats(x, tokens[r:r + 1, a:b], shift=shift).log_prob[0]))
+    def run(h, k):
+        out = {name: tuple(jax.value_and_grad(f, (0, 1))(h, k) for f in pair)
+               for name, pair in pairs.items()}
+        x = as_logits(fused, h, k)
+        out["stats"] = jxent.nll_stats(x, tokens, shift=shift, **packed_opts)
+        # "none" and token_stats, per position: each document's values where it
+        # predicts its own tokens, 0 where a position would predict across a boundary.
+        out["per"] = nll(x, tokens, normalize="none", **packed_opts)
+        out["log_prob"] = jxent.token_stats(x, tokens, shift=shift, **packed_opts).log_prob
+        out["alone"] = [(nll(*doc(h, k, *d), normalize="none")[0],
+                         jxent.token_stats(*doc(h, k, *d), shift=shift).log_prob[0])
+                        for d in long_docs]
         return out
 
+    out = run(hidden, kernel)
+    for name in pairs:
+        try:
+            close(*out[name])
+        except AssertionError as e:
+            raise AssertionError(f"{name}: {e}") from None
+    assert float(out["stats"].count) == count
+    assert out["per"].shape == (B, T - shift) and out["log_prob"].shape == (B, T - shift)
     want_per = np.zeros((B, T - shift), np.float32)
     want_lp = np.zeros((B, T - shift), np.float32)
-    for (r, a, b), (doc_per, doc_lp) in zip(long_docs, each_alone(hidden, kernel), strict=True):
+    for (r, a, b), (doc_per, doc_lp) in zip(long_docs, out["alone"], strict=True):
         want_per[r, a:b - shift], want_lp[r, a:b - shift] = doc_per, doc_lp
-    close(per, want_per)
-    close(stats.log_prob, want_lp)
-    # token_objective: Σ fn over the documents, with its gradient.
-    fn = lambda s: -s.log_prob + 0.1 * s.entropy
-    both(lambda h, k: jxent.token_objective(as_logits(fused, h, k), tokens, fn, shift=shift,
-                                            segment_ids=segments, where=where),
-         lambda x, t: jxent.token_objective(x, t, fn, shift=shift))
+    close(out["per"], want_per)
+    close(out["log_prob"], want_lp)
 
 
 def test_cross_document_targets_change_the_loss(rng):

@@ -1,21 +1,13 @@
-"""Vocab- and data-parallel losses on a device mesh.
+"""Vocab- and data-parallel losses on a device mesh: the example, and a mesh of one device.
 
-The multi-device checks live in ``tests/mesh_checks.py`` and run here in
-subprocesses started with ``XLA_FLAGS=--xla_force_host_platform_device_count=8``
-(the flag must be set before jax is imported), so the rest of the suite keeps
-its single CPU device. One subprocess per group; a failing group shows the
-script's report (every failing case with its traceback).
-
-The checks in this file run in-process on one device: a mesh of one device
-must give the plain results too.
+The multi-device checks inside ``shard_map`` are ``tests/test_mesh.py``; the
+plain-``jit`` ones on placed arrays ``tests/test_sharding.py``. Here:
+``examples/distributed.py`` run in this process (on the suite's 8 simulated
+devices) against one device, and a mesh of one device, which must give the
+plain results too.
 """
 
 from __future__ import annotations
-
-import os
-import subprocess
-import sys
-from pathlib import Path
 
 import chex
 import jax
@@ -27,55 +19,14 @@ from jax.sharding import PartitionSpec as P
 
 import jxent
 
-SCRIPT = Path(__file__).with_name("mesh_checks.py")
-EXAMPLE = Path(__file__).parents[1] / "examples" / "distributed.py"
-
-# Eight host devices; the two LLVM options only shorten compilation (the
-# checks compile ~100 small programs), they do not change the HLO program.
-XLA_FLAGS = (
-    "--xla_force_host_platform_device_count=8 "
-    "--xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true"
-)
-
 
 @pytest.mark.slow
-@pytest.mark.parametrize("group", ["softmax", "data", "linear", "fused", "errors", "topk"])
-def test_mesh_checks(group):
-    env = dict(os.environ, XLA_FLAGS=XLA_FLAGS, JAX_PLATFORMS="cpu")
-    result = subprocess.run(
-        [sys.executable, str(SCRIPT), group],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
-    report = result.stdout + result.stderr
-    assert result.returncode == 0, f"mesh checks '{group}' failed:\n{report}"
-    assert "all mesh checks passed" in result.stdout, report
-
-
-@pytest.mark.slow
-def test_distributed_example_runs_and_matches_one_device():
-    """examples/distributed.py sets its own 8 devices and exits 1 on any mismatch."""
-    env = dict(os.environ, JAX_PLATFORMS="cpu")
-    env.pop("XLA_FLAGS", None)
-    result = subprocess.run(
-        [sys.executable, str(EXAMPLE)], env=env, capture_output=True, text=True, timeout=300
-    )
-    assert result.returncode == 0, result.stdout + result.stderr
-    assert "all paths equal the single-device loss and gradients" in result.stdout
-    assert "all-gather" not in result.stdout
-
-
-@pytest.mark.slow
-def test_mesh_checks_refuse_to_run_on_one_device():
-    env = dict(os.environ, JAX_PLATFORMS="cpu")
-    env.pop("XLA_FLAGS", None)
-    result = subprocess.run(
-        [sys.executable, str(SCRIPT), "errors"], env=env, capture_output=True, text=True
-    )
-    assert result.returncode == 2
-    assert "needs 8 devices, found 1" in result.stdout
+def test_distributed_example_runs_and_matches_one_device(example):
+    """examples/distributed.py returns 1 on any mismatch with one device."""
+    status, out = example("distributed")
+    assert status == 0, out
+    assert "all paths equal the single-device loss and gradients" in out
+    assert "all-gather" not in out
 
 
 @pytest.mark.slow

@@ -86,8 +86,11 @@ def assert_matches(jx_value, jx_grad, value, grad) -> None:
     np.testing.assert_allclose(jx_grad, grad, rtol=TOL, atol=TOL, err_msg="gradient")
 
 
-@pytest.mark.slow
-@pytest.mark.parametrize("group", GROUPS, ids=[group_id(g) for g in GROUPS])
+@pytest.mark.parametrize("group", [
+    # The first group in the quick tier, the others in the full one.
+    pytest.param(g, id=group_id(g), marks=() if i == 0 else pytest.mark.slow)
+    for i, g in enumerate(GROUPS)
+])
 def test_fixture_group(group):
     assert_matches(*jxent_outputs(group, stacked=True), group["value"], group["grad"])
 
