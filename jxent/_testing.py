@@ -33,8 +33,14 @@ import numpy as np
 
 from ._logits import LinearLogits
 
-__all__ = ["Collective", "assert_close", "collectives", "compiled_products", "converts",
-           "dense_logits", "fused_and_dense", "loop_carries", "lowered", "products", "summary"]
+__all__ = ["OPTIMIZED", "Collective", "assert_close", "collectives", "compiled_products",
+           "converts", "dense_logits", "fused_and_dense", "loop_carries", "lowered", "products",
+           "summary"]
+
+# Compiler options for a program that computes more than it compiles: full LLVM
+# optimisation, where the test suite's processes default to the quick setting
+# (tests/conftest.py). ``jax.jit(f, compiler_options=OPTIMIZED)``.
+OPTIMIZED = {"xla_backend_optimization_level": 3, "xla_llvm_disable_expensive_passes": False}
 
 _OPS = "all-gather|all-reduce|reduce-scatter|all-to-all|collective-permute"
 _COLLECTIVE = re.compile(rf"=\s*(.*?)\s({_OPS})(?:-start)?\(")
@@ -251,10 +257,6 @@ _INSTRUCTION = re.compile(
     r"^\s*(?:ROOT )?(%[\w.-]+) = \(?([a-z]+[0-9]*)\[[^=]*?\s([\w-]+)\((.*?)\)"
 )
 _GEMM_TARGET = re.compile(r'custom_call_target="(__cublas\$[^"]*|__cudnn\$[^"]*)"')
-_TENSOR = r"tensor<[0-9x]*?x?([a-z]+[0-9]*)>"
-_STABLEHLO_DOT = re.compile(
-    r"stablehlo\.dot_general .*?: \(" + _TENSOR + ", " + _TENSOR + r"\) -> " + _TENSOR
-)
 
 
 def compiled_products(hlo: str) -> list[str]:

@@ -2,7 +2,9 @@
 
 Every test process has 8 CPU devices (``--xla_force_host_platform_device_count``),
 so the multi-device checks are ordinary tests in the same process as the rest;
-a single-device computation runs on the first device as before. The flag is
+a single-device computation runs on the first device as before. Programs are
+compiled with LLVM's quick setting (most tests compile more than they compute);
+the few that compute a lot use ``jxent._testing.OPTIMIZED``. The flag is
 set here, before the backend starts, and taken out of the environment again so
 that subprocesses (notebook kernels, examples) start as a user's would.
 
@@ -16,8 +18,14 @@ import os
 from pathlib import Path
 
 DEVICES = 8
+# Small programs compile faster with LLVM's quick setting (the HLO, and so every
+# value, shape and collective, is the same); a test that computes more than it
+# compiles asks for full optimisation: jax.jit(f, compiler_options=OPTIMIZED).
+QUICK_LLVM = "--xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true"
 _flags = os.environ.get("XLA_FLAGS", "")
-os.environ["XLA_FLAGS"] = f"{_flags} --xla_force_host_platform_device_count={DEVICES}".strip()
+os.environ["XLA_FLAGS"] = (
+    f"{_flags} --xla_force_host_platform_device_count={DEVICES} {QUICK_LLVM}".strip()
+)
 
 import jax  # noqa: E402
 import numpy as np  # noqa: E402

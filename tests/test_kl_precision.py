@@ -17,14 +17,22 @@ skips the normalisation that any function of logits must do; that sum's
 rounding (about 1e-7 absolute in float32) is the floor of the comparison.
 """
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
 import jxent
+from jxent._testing import OPTIMIZED
 
 torch = pytest.importorskip("torch")
+
+
+# These tests compute more than they compile: full LLVM optimisation (the suite's
+# processes default to the quick setting, tests/conftest.py).
+jit = functools.partial(jax.jit, compiler_options=OPTIMIZED)
 
 
 def log_softmax64(x):
@@ -88,7 +96,7 @@ def test_kl_gradient_error_is_at_most_pytorchs(v):
         log_target=True, reduction="sum",
     ).backward()
     torch_error = np.abs(s.grad.double().numpy() - exact).max()
-    grad = jax.jit(jax.grad(lambda x: jxent.distillation_loss(
+    grad = jit(jax.grad(lambda x: jxent.distillation_loss(
         x, jnp.asarray(teacher), shift=False, reduction="sum")))(student)
     error = np.abs(np.asarray(grad, np.float64) - exact).max()
     print(f"V={v} gradient: {error:.3g} (torch {torch_error:.3g})")

@@ -12,6 +12,8 @@ model's own distribution, so that a class's terms ``Σ_n h_n (p_nv − y_nv)``
 cancel.
 """
 
+import functools
+
 import chex
 import jax
 import jax.numpy as jnp
@@ -19,9 +21,15 @@ import numpy as np
 import pytest
 
 import jxent
+from jxent._testing import OPTIMIZED
 
 B, D, V = 1024, 256, 119548  # V a multiple of no block size
 ATOL = RTOL = 5e-2  # tokamax's tolerance for the kernel's gradient in its bwd tests
+
+
+# These tests compute more than they compile: full LLVM optimisation (the suite's
+# processes default to the quick setting, tests/conftest.py).
+jit = functools.partial(jax.jit, compiler_options=OPTIMIZED)
 
 
 def large_logit_batch(seed: int = 0):
@@ -46,13 +54,13 @@ def violations(got, want) -> int:
 def test_bf16_kernel_gradient_at_large_logits_and_an_unaligned_vocabulary():
     hidden, kernel, targets = large_logit_batch()
     with jax.enable_x64(True):
-        exact = jax.jit(jax.grad(
+        exact = jit(jax.grad(
             lambda h, k: jxent.softmax_cross_entropy(h @ k, targets, reduction="sum"), (0, 1)
         ))(np.asarray(hidden, np.float64), np.asarray(kernel, np.float64))
         exact = [np.asarray(g) for g in exact]
 
     # The materialised call on the same bf16 inputs: float32 logits, autodiff.
-    materialised = jax.jit(jax.grad(
+    materialised = jit(jax.grad(
         lambda h, k: jxent.softmax_cross_entropy(
             jnp.dot(h, k, preferred_element_type=jnp.float32), targets, reduction="sum"),
         (0, 1),
@@ -60,7 +68,7 @@ def test_bf16_kernel_gradient_at_large_logits_and_an_unaligned_vocabulary():
     assert violations(materialised[1], exact[1]) == 0
 
     def fused(precision, chunk=64):
-        return jax.jit(jax.grad(
+        return jit(jax.grad(
             lambda h, k: jxent.linear_cross_entropy(
                 h, k, targets, reduction="sum", chunk_size=chunk, precision=precision),
             (0, 1),
@@ -73,7 +81,7 @@ def test_bf16_kernel_gradient_at_large_logits_and_an_unaligned_vocabulary():
     # On CPU the default (precision=None: the platform's) is the accurate
     # policy, and it is the materialised call's gradient: both round float32
     # sums once, to bf16. (GPU/TPU defaults: tests/test_accelerator.py.)
-    chex.assert_trees_all_equal(fused("accurate"), jax.jit(jax.grad(
+    chex.assert_trees_all_equal(fused("accurate"), jit(jax.grad(
         lambda h, k: jxent.linear_cross_entropy(h, k, targets, reduction="sum", chunk_size=64),
         (0, 1)))(hidden, kernel))
     ulp = np.abs(np.asarray(materialised[1], np.float32)) * 2.0**-7 + 1e-30
@@ -90,7 +98,7 @@ def test_policies_are_one_program_for_float32_inputs(rng, precision):
     hidden = rng.standard_normal((24, 8)).astype(np.float32)
     kernel = rng.standard_normal((8, 40)).astype(np.float32)
     targets = rng.integers(0, 40, 24).astype(np.int32)
-    g = lambda p: jax.jit(jax.value_and_grad(
+    g = lambda p: jit(jax.value_and_grad(
         lambda h, k: jxent.linear_cross_entropy(h, k, targets, chunk_size=5, precision=p),
         (0, 1)))(hidden, kernel)
     chex.assert_trees_all_equal(g(precision), g("accurate"))
@@ -108,7 +116,7 @@ def test_bf16_policies_order_by_precision(rng):
                 np.asarray(kernel, np.float64))
     errors = {}
     for p in ("accurate", "balanced", "compact"):
-        g = jax.jit(jax.grad(lambda k, p=p: jxent.linear_cross_entropy(
+        g = jit(jax.grad(lambda k, p=p: jxent.linear_cross_entropy(
             hidden, k, targets, reduction="sum", chunk_size=8, precision=p)))(kernel)
         errors[p] = float(np.linalg.norm(np.asarray(g, np.float64) - np.asarray(exact))
                           / np.linalg.norm(np.asarray(exact)))
