@@ -14,8 +14,36 @@ import io
 import pathlib
 import shlex
 import sys
+import time
+from collections.abc import Callable, Mapping
 
 DOC = pathlib.Path(__file__).resolve().parents[1] / "docs" / "performance.md"
+
+
+def log(message: str) -> None:
+    """A time-stamped progress line on stderr (the tables go to stdout)."""
+    print(f"[{time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
+
+
+def alternating_rounds(
+    calls: Mapping[str, Callable[[], object]], rounds: int, *, label: str = "",
+    quiet: bool = False,
+) -> dict[str, list[float]]:
+    """Seconds per call per round; round r starts at the r-th call, so each runs in every slot.
+
+    Each call must block until its result is ready (``jax.block_until_ready``).
+    """
+    times = {name: [] for name in calls}
+    order = list(calls)
+    for r in range(rounds):
+        if not quiet:
+            log(f"round {r + 1}/{rounds}{label}")
+        shift = r % len(order)
+        for name in order[shift:] + order[:shift]:
+            start = time.perf_counter()
+            calls[name]()
+            times[name].append(time.perf_counter() - start)
+    return times
 
 
 def add_argument(parser) -> None:

@@ -31,12 +31,11 @@ from __future__ import annotations
 import argparse
 import re
 import statistics
-import time
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-from _report import add_argument, report
+from _report import add_argument, alternating_rounds, report
 
 import jxent
 from jxent._testing import compiled_products, product_dtypes
@@ -91,13 +90,9 @@ def measure(size, dtype, grad: bool, rounds: int) -> dict:
             runnable[name] = compiled
         except Exception as error:
             programs[name] = (None, temp, products + [type(error).__name__])
-    times = {name: [] for name in runnable}
-    order = list(runnable)
-    for r in range(rounds):
-        for name in order[r % len(order):] + order[: r % len(order)]:
-            start = time.perf_counter()
-            jax.block_until_ready(runnable[name](*args))
-            times[name].append(time.perf_counter() - start)
+    times = alternating_rounds(
+        {name: lambda p=p: jax.block_until_ready(p(*args)) for name, p in runnable.items()},
+        rounds, quiet=True)
     ratio = None
     if len(times) == 2:
         ratio = statistics.median(a / b for a, b in zip(times["fused"], times["materialised"],

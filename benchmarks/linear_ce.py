@@ -54,7 +54,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import torch
-from _report import add_argument, report
+from _report import add_argument, alternating_rounds, report
 
 import jxent
 from jxent._testing import lowered, product_dtypes
@@ -153,13 +153,8 @@ def measure(size, rounds: int):
     spread = max(values.values()) - min(values.values())
     assert spread <= 1e-4 * abs(values["jxent materialised"]), values
 
-    times = {name: [] for name in cases}
-    order = list(cases)
-    for r in range(rounds):
-        for name in order[r % len(order) :] + order[: r % len(order)]:
-            start = time.perf_counter()
-            cases[name][0]()
-            times[name].append(time.perf_counter() - start)
+    times = alternating_rounds({name: case[0] for name, case in cases.items()}, rounds,
+                               quiet=True)
     return {
         name: {
             "time": statistics.median(times[name]),

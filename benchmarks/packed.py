@@ -20,18 +20,12 @@ import os
 import platform
 import re
 import statistics
-import sys
-import time
 
 import jax
 import numpy as np
-from _report import add_argument, report
+from _report import add_argument, alternating_rounds, log, report
 
 import jxent
-
-
-def log(message: str) -> None:
-    print(f"[{time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
 
 
 def main() -> None:
@@ -70,14 +64,9 @@ def main() -> None:
     for key, step in cases.items():
         log(f"compiling and warming up {key}")
         jax.block_until_ready(step(hidden, kernel))
-    times = {key: [] for key in cases}
-    order = list(cases)
-    for r in range(args.rounds):
-        log(f"round {r + 1}/{args.rounds}")
-        for key in order[r % len(order):] + order[: r % len(order)]:
-            start = time.perf_counter()
-            jax.block_until_ready(cases[key](hidden, kernel))
-            times[key].append(time.perf_counter() - start)
+    times = alternating_rounds(
+        {key: lambda step=step: jax.block_until_ready(step(hidden, kernel))
+         for key, step in cases.items()}, args.rounds)
     with report(args.update_docs):
         print(
             f"CPU: {platform.processor() or platform.machine()}, {os.cpu_count()} cores; "

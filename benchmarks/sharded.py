@@ -32,12 +32,10 @@ os.environ["XLA_FLAGS"] = (
 import argparse  # noqa: E402
 import platform  # noqa: E402
 import statistics  # noqa: E402
-import sys  # noqa: E402
-import time  # noqa: E402
 
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
-from _report import add_argument, report  # noqa: E402
+from _report import add_argument, alternating_rounds, log, report  # noqa: E402
 from jax.sharding import AxisType, NamedSharding  # noqa: E402
 from jax.sharding import PartitionSpec as P  # noqa: E402
 
@@ -49,10 +47,6 @@ LAYOUTS = {
     "vocab": (P(), P(None, "model")),
     "data+vocab": (P("data"), P(None, "model")),
 }
-
-
-def log(message: str) -> None:
-    print(f"[{time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
 
 
 def mesh_for(layout: str, kind) -> jax.sharding.Mesh:
@@ -87,14 +81,9 @@ def measure(size, layout: str, kind, rounds: int):
             jax.block_until_ready(out)
             values[name] = float(out[0])
         assert abs(values["fused"] - values["materialised"]) <= 1e-4 * abs(values["fused"])
-        times = {name: [] for name in cases}
-        order = list(cases)
-        for r in range(rounds):
-            log(f"round {r + 1}/{rounds}, {layout}, {kind.name}")
-            for name in order[r % 2 :] + order[: r % 2]:
-                start = time.perf_counter()
-                jax.block_until_ready(cases[name](*args))
-                times[name].append(time.perf_counter() - start)
+        times = alternating_rounds(
+            {name: lambda p=p: jax.block_until_ready(p(*args)) for name, p in cases.items()},
+            rounds, label=f", {layout}, {kind.name}")
     ratio = statistics.median(a / b for a, b in zip(times["fused"], times["materialised"],
                                                      strict=True))
     return times, ratio, temps, comms

@@ -51,13 +51,11 @@ import argparse
 import os
 import platform
 import statistics
-import sys
-import time
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-from _report import add_argument, report
+from _report import add_argument, alternating_rounds, log, report
 
 import jxent
 
@@ -72,10 +70,6 @@ WORKLOADS = {
     "d": "token_objective of (a)'s objective + grad",
 }
 KINDS = ("fused", "materialised", "torch")
-
-
-def log(message: str) -> None:
-    print(f"[{time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
 
 
 # --- the jax programs -------------------------------------------------------------------
@@ -330,16 +324,7 @@ def measure(size, repeats: int, use_torch: str | None):
         if "torch" in values:
             assert close(values["torch"], reference, 1e-3), (workload, values)
 
-    times = {key: [] for key in cases}
-    order = list(cases)
-    for r in range(repeats):
-        log(f"round {r + 1}/{repeats}")
-        shift = r % len(order)
-        for key in order[shift:] + order[:shift]:
-            start = time.perf_counter()
-            cases[key]()
-            times[key].append(time.perf_counter() - start)
-    return times, temps
+    return alternating_rounds(cases, repeats), temps
 
 
 def paired(times, a, b) -> float:

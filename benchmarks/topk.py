@@ -28,22 +28,16 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import sys
-import time
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-from _report import add_argument, report
+from _report import add_argument, alternating_rounds, log, report
 
 import jxent
 
 SIZES = (2048, 256, 32768, 64)
 QUICK_SIZES = (256, 32, 2048, 16)
-
-
-def log(message: str) -> None:
-    print(f"[{time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
 
 
 def densified(ids, log_probs, v: int):
@@ -103,16 +97,8 @@ def measure(size, repeats: int):
         values[name] = float(jax.block_until_ready(program(*args))[0])
     a, b = values["TopK tail, fused"], values["TopK tail, materialised"]
     assert abs(a - b) <= 1e-4 * max(abs(a), 1e-6), values
-    times = {name: [] for name in compiled}
-    order = list(compiled)
-    for r in range(repeats):
-        log(f"round {r + 1}/{repeats}")
-        shift = r % len(order)
-        for name in order[shift:] + order[:shift]:
-            start = time.perf_counter()
-            jax.block_until_ready(compiled[name](*args))
-            times[name].append(time.perf_counter() - start)
-    return times, temps
+    calls = {name: lambda p=p: jax.block_until_ready(p(*args)) for name, p in compiled.items()}
+    return alternating_rounds(calls, repeats), temps
 
 
 def main() -> None:
