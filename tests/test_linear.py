@@ -22,7 +22,7 @@ import pytest
 from flax import nnx
 
 import jxent
-from jxent._testing import fused_and_dense
+from jxent._testing import assert_close, fused_and_dense
 
 N, D, V, CHUNK = 37, 16, 50, 8  # 37 positions: five chunks, the last one partial
 
@@ -72,15 +72,6 @@ def fused_and_materialised(options, hidden, kernel, bias, targets, *, fused_hidd
         chunk_size=options.get("chunk_size"), fused_hidden=fused_hidden,
     ).values()
     return fused, dense
-
-
-def assert_close(actual, expected, rtol=1e-5):
-    """Leafwise: |a − e| ≤ rtol·|e| + rtol·max|e| (relative, with the scale of the array)."""
-    for a, e in zip(jax.tree.leaves(actual), jax.tree.leaves(expected), strict=True):
-        e = np.asarray(e, np.float64)
-        assert np.isfinite(e).all() and np.isfinite(np.asarray(a, np.float64)).all()
-        scale = float(np.max(np.abs(e))) if e.size else 0.0
-        chex.assert_trees_all_close(np.asarray(a, np.float64), e, rtol=rtol, atol=rtol * scale)
 
 
 OPTIONS = {
