@@ -82,11 +82,15 @@ def describe_exit(code: int) -> str:
     return f"exited with code {code}"
 
 
-def relay(i: int, stream) -> None:
-    """Copy a child's output, process 0's as is, the others' prefixed with their id."""
+def relay(i: int, stream, chatter: bool = False) -> None:
+    """Copy a child's output, process 0's as is, the others' prefixed with their id.
+
+    ``chatter``: the stream is the child's stderr, where gloo's connection lines go
+    (dropped). It is read apart from stdout, so they never share a line with ours.
+    """
     prefix = "" if i == 0 else f"[process {i}] "
     for line in stream:
-        if "[Gloo]" not in line and "connected peer ranks" not in line:  # gloo's chatter
+        if not (chatter and ("[Gloo]" in line or "connected peer ranks" in line)):
             print(prefix + line, end="", flush=True)
 
 
@@ -110,10 +114,14 @@ def launch(args: argparse.Namespace) -> int:
         command += ["--vocab", str(args.vocab), "--crash-process", str(args.crash_process)]
         procs.append(
             subprocess.Popen(
-                command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+                command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
             )
         )
-    relays = [threading.Thread(target=relay, args=(i, p.stdout)) for i, p in enumerate(procs)]
+    relays = [
+        threading.Thread(target=relay, args=(i, stream, stream is p.stderr))
+        for i, p in enumerate(procs)
+        for stream in (p.stdout, p.stderr)
+    ]
     for thread in relays:
         thread.start()
     print(
@@ -129,7 +137,8 @@ def launch(args: argparse.Namespace) -> int:
             failed = [(i, c) for i, c in enumerate(codes) if c not in (None, 0)]
             if failed:
                 i, code = failed[0]
-                relays[i].join(timeout=5)  # its last words first
+                for thread in relays[2 * i : 2 * i + 2]:
+                    thread.join(timeout=5)  # its last words first
                 others = [j for j, c in enumerate(codes) if c is None]
                 print(f"process {i} {describe_exit(code)}; stopping {others}", flush=True)
                 status = code if code > 0 else 1
@@ -195,6 +204,12 @@ from jxent._testing import collectives, summary  # noqa: E402
 
 def join(args: argparse.Namespace) -> None:
     """Join the global runtime; refuse processes that bring different numbers of devices."""
+    # gloo prints its connection lines on the C-level stdout, unsynchronised with
+    # Python's, so one could land inside a result line: send the C level's to stderr
+    # (the launcher drops them there) and keep stdout for Python's own lines.
+    python_stdout = os.dup(1)
+    os.dup2(2, 1)
+    sys.stdout = open(python_stdout, "w", buffering=1, encoding="utf-8")
     jax.config.update("jax_cpu_collectives_implementation", "gloo")
     jax.config.update("jax_num_cpu_devices", int(args.local_devices))
     jax.distributed.initialize(
