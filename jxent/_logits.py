@@ -75,8 +75,13 @@ class LinearLogits:
     Inside ``shard_map`` with ``vocab_axis_name``, ``kernel`` and ``bias`` are
     this device's shard of the classes (``V / shards`` consecutive classes).
 
-    Forward-mode differentiation is not available through it: the fused
-    functions are a ``jax.custom_vjp``.
+    Differentiation: reverse mode (``jax.grad``, ``jax.vjp``, ``jax.jacrev``)
+    and every derivative of it (``jax.hessian``, ``jax.jvp(jax.grad(f), ...)``
+    for Hessian-vector products) equal those of the materialised logits; a
+    member that is not differentiated (a teacher) stays a constant at every
+    order, even when it shares ``kernel`` with the student. A first-order
+    forward derivative (``jax.jvp``, ``jax.jacfwd``, ``jax.linearize``) is
+    refused with a ``TypeError``: the fused functions are a ``jax.custom_vjp``.
 
     Examples:
       >>> import jax, jax.numpy as jnp, jxent

@@ -119,10 +119,18 @@ def _fused(core, logits, rows, counted, mode, options, trainable):
     positions = counted.shape
     n = math.prod(positions)
     flat = lambda x: x.reshape((n,) + x.shape[len(positions):])
+    # A member that is not trained (a teacher) is a constant at every order of
+    # differentiation: its rule gives it no gradient, and the stop_gradient keeps
+    # a derivative of the rules themselves (jvp of grad, hessian) from reaching it
+    # through an array it shares with a trained member (one kernel, self-distillation).
     members = tuple(
         (flat(x.hidden), x.kernel, x.bias) if isinstance(x, LinearLogits)
-        else jax.lax.stop_gradient(flat(jnp.asarray(x)))
+        else flat(jnp.asarray(x))
         for x in logits
+    )
+    members = tuple(
+        m if train else jax.lax.stop_gradient(m)
+        for m, train in zip(members, trainable, strict=True)
     )
     rows, counted = jax.tree.map(flat, rows), flat(counted)
     static, arrays = _split(options)
@@ -144,9 +152,24 @@ def _fused(core, logits, rows, counted, mode, options, trainable):
         per_position, summed = partitioned_rules(tuple(chunks))
     else:
         per_position, summed = _loop.positions, _loop.summed
-    if mode == "sum":
-        return summed(plan, members, rows, counted, arrays)
-    return _unflatten(per_position(plan, members, rows, counted, arrays), positions)
+    try:
+        if mode == "sum":
+            return summed(plan, members, rows, counted, arrays)
+        return _unflatten(per_position(plan, members, rows, counted, arrays), positions)
+    except TypeError as e:
+        if "forward-mode" not in str(e):
+            raise
+        raise TypeError(FORWARD_MODE) from None
+
+
+FORWARD_MODE = (
+    "jxent's functions on LinearLogits have no forward-mode derivative (jax.jvp, "
+    "jax.jacfwd, jax.linearize): the fused loops are a jax.custom_vjp. Reverse mode "
+    "is exact (jax.grad, jax.vjp, jax.jacrev), and so are its derivatives: "
+    "jax.hessian(f), jax.jacfwd(jax.grad(f)) and jax.jvp(jax.grad(f), ...) for "
+    "Hessian-vector products. For a first-order forward derivative, pass the "
+    "materialised logits (hidden @ kernel + bias) instead."
+)
 
 
 def _unflatten(out, positions):
