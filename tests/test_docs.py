@@ -1,8 +1,11 @@
-"""The front page and the performance page: short, and their tables written by the scripts."""
+"""The front page and the performance page: short, their tables written by the scripts, and
+the program output they quote compared with what the program prints (tests/_quoted.py)."""
 
 import pathlib
 import re
 import sys
+
+from _quoted import _mismatch
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
@@ -45,3 +48,16 @@ def test_report_replaces_only_its_own_section(tmp_path, monkeypatch, capsys):
     with _report.report(True, argv=["benchmarks/b.py"]):
         print("new")
     assert "<!-- begin benchmarks/b.py -->" in doc.read_text()
+
+
+def test_a_quote_is_the_output_but_for_seconds_and_elided_lines():
+    output = ["title (5 tokens, 0.7 s)", "a 1.5e-07", "b", "c", "", "Total 3.4 s."]
+    quote = ["title (5 tokens, 1.3 s)", "a 1.5e-07", "…", "", "Total 9 s."]
+    assert _mismatch(quote, output) is None
+    assert _mismatch(["title (5 tokens, 0.7 s)", "…"], output) is None
+    assert "is 'a 1.5e-07'" in _mismatch(["title (5 tokens, 0.7 s)", "a 1.6e-07", "…"], output)
+    assert "the output goes on: 'b'" in _mismatch(["title (5 tokens, 0.7 s)", "a 1.5e-07"], output)
+    assert "does not follow" in _mismatch(["title (5 tokens, 0.7 s)", "…", "d"], output)
+    assert "is 'end of output'" in _mismatch([*output, "more"], output)
+    # an elision stands for at least one line
+    assert "does not follow" in _mismatch(["title (5 tokens, 0.7 s)", "…", "a 1.5e-07"], output[:2])

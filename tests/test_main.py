@@ -1,4 +1,5 @@
-"""`python -m jxent`: the demonstration's numbers meet the bounds, its outputs are well formed."""
+"""`python -m jxent`: the demonstration's numbers meet the bounds, its outputs are well formed,
+and README.md quotes what it prints."""
 
 import json
 import math
@@ -7,16 +8,16 @@ import subprocess
 import sys
 
 import pytest
+from _quoted import assert_quoted
 
 from jxent import toy
 from jxent.__main__ import main
 
 
-@pytest.fixture(scope="module")
-def json_run():
-    """The real command line, in a subprocess, with default settings."""
+def _run(*args: str) -> subprocess.CompletedProcess:
+    """The real command line, in a subprocess (as a user starts it), with default settings."""
     proc = subprocess.run(
-        [sys.executable, "-m", "jxent", "--json"],
+        [sys.executable, "-m", "jxent", *args],
         capture_output=True,
         text=True,
         timeout=300,
@@ -24,6 +25,17 @@ def json_run():
     )
     assert proc.returncode == 0, proc.stderr
     return proc
+
+
+@pytest.fixture(scope="module")
+def json_run():
+    return _run("--json")
+
+
+@pytest.mark.slow
+def test_readme_quotes_what_the_main_job_prints():
+    """README's sample is the table, line by line; only the seconds may differ (_quoted.py)."""
+    assert_quoted("python -m jxent", _run("--quiet").stdout)
 
 
 def _check_figures(figures, steps):
@@ -82,14 +94,13 @@ def test_progress_goes_to_stderr(json_run):
 @pytest.mark.slow
 def test_table_and_plot(tmp_path, capsys):
     path = tmp_path / "loss.png"
-    assert main(["--steps", "60", "--sentences", "200", "--seed", "3",
-                 "--plot", str(path)]) == 0
+    assert main(["--steps", "5", "--sentences", "20", "--seed", "3", "--plot", str(path)]) == 0
     out, err = capsys.readouterr()
     assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     for text in ("loss vs H(next | prev)", "KL(MLE ‖ model)", "total NLL vs -log-likelihood",
                  "P(cat | the)", "p(y | x)", "P(kitty | chat)", str(path)):
         assert text in out
-    assert "[translation] step    60/60" in err
+    assert "[translation] step     5/5" in err
 
 
 def test_plot_without_matplotlib_says_so(monkeypatch, capsys, tmp_path):
