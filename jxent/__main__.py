@@ -194,39 +194,15 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _main(argv: list[str] | None) -> int:
-    parser = argparse.ArgumentParser(
-        prog="python -m jxent",
-        description="Train toy models with jxent.sequence_nll and show that minimising "
-        "cross-entropy is maximum-likelihood estimation.",
-    )
-    parser.add_argument("--seed", type=int, default=0, help="corpus seed (default 0)")
-    parser.add_argument("--steps", type=int, default=toy.DEFAULT_STEPS,
-                        help=f"optimizer steps per model (default {toy.DEFAULT_STEPS})")
-    parser.add_argument("--sentences", type=int, default=1000,
-                        help="sentences (and translation pairs) in the corpus (default 1000)")
-    parser.add_argument("--json", action="store_true", help="print one JSON object on stdout")
-    parser.add_argument("--plot", metavar="PATH", help="save the loss curves as a PNG")
-    parser.add_argument("--quiet", action="store_true", help="no progress on stderr")
+    parser = _parser()
     args = parser.parse_args(argv)
-    if args.steps < 1 or args.sentences < 1:
-        parser.error("--steps and --sentences must be positive")
-    if args.seed < 0:
-        parser.error(f"--seed must be a non-negative integer, got {args.seed}")
+    _check_sizes(parser, args)
     if args.plot is not None:
-        try:
-            import matplotlib  # noqa: F401
-        except ImportError:
+        if not _has_matplotlib():
             print("jxent: --plot needs matplotlib, which is not installed "
                   "(pip install matplotlib); nothing was run.", file=sys.stderr)
             return 2
-        # fail before training, not after it, when the figure cannot be written
-        directory = os.path.dirname(os.path.abspath(args.plot))
-        if not os.path.isdir(directory):
-            parser.error(f"--plot {args.plot}: directory {directory} does not exist; "
-                         "nothing was run")
-        if not os.access(directory, os.W_OK):
-            parser.error(f"--plot {args.plot}: directory {directory} is not writable; "
-                         "nothing was run")
+        _check_plot_directory(parser, args.plot)
 
     start = time.perf_counter()
     corpus = toy.sample_corpus(args.seed, num_sentences=args.sentences)
@@ -248,8 +224,53 @@ def _main(argv: list[str] | None) -> int:
             "conditional": _public(translation),
         }
         print(json.dumps(out))
-        return 0
+    else:
+        _print_report(args, lm, translation, total)
+    return 0
 
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m jxent",
+        description="Train toy models with jxent.sequence_nll and show that minimising "
+        "cross-entropy is maximum-likelihood estimation.",
+    )
+    parser.add_argument("--seed", type=int, default=0, help="corpus seed (default 0)")
+    parser.add_argument("--steps", type=int, default=toy.DEFAULT_STEPS,
+                        help=f"optimizer steps per model (default {toy.DEFAULT_STEPS})")
+    parser.add_argument("--sentences", type=int, default=1000,
+                        help="sentences (and translation pairs) in the corpus (default 1000)")
+    parser.add_argument("--json", action="store_true", help="print one JSON object on stdout")
+    parser.add_argument("--plot", metavar="PATH", help="save the loss curves as a PNG")
+    parser.add_argument("--quiet", action="store_true", help="no progress on stderr")
+    return parser
+
+
+def _check_sizes(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    if args.steps < 1 or args.sentences < 1:
+        parser.error("--steps and --sentences must be positive")
+    if args.seed < 0:
+        parser.error(f"--seed must be a non-negative integer, got {args.seed}")
+
+
+def _has_matplotlib() -> bool:
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def _check_plot_directory(parser: argparse.ArgumentParser, path: str) -> None:
+    """Fail before training, not after it, when the figure cannot be written."""
+    directory = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(directory):
+        parser.error(f"--plot {path}: directory {directory} does not exist; nothing was run")
+    if not os.access(directory, os.W_OK):
+        parser.error(f"--plot {path}: directory {directory} is not writable; nothing was run")
+
+
+def _print_report(args: argparse.Namespace, lm: dict, translation: dict, total: float) -> None:
     print(f"jxent: minimising cross-entropy is maximum likelihood  (seed {args.seed})\n")
     _print_table("Language model p(next | previous), sequence_nll(shift=True)", lm,
                  "next | prev")
@@ -262,7 +283,6 @@ def _main(argv: list[str] | None) -> int:
     if args.plot is not None:
         print(f"\nLoss curves saved to {args.plot}")
     print(f"\nTotal {total:.1f} s.")
-    return 0
 
 
 if __name__ == "__main__":

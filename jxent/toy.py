@@ -57,44 +57,23 @@ import optax
 from jaxtyping import Array, Float, Int
 
 from ._sequence import sequence_nll
+
+# The corpora and their sources are defined in _toy_corpus and re-exported here
+# (listed in __all__): users read them as jxent.toy.VOCAB, jxent.toy.sample_corpus, ...
 from ._toy_corpus import (
-    BOS as BOS,
-)
-from ._toy_corpus import (
-    EOS as EOS,
-)
-from ._toy_corpus import (
-    PAD as PAD,
-)
-from ._toy_corpus import (
-    SOURCE_PROBS as SOURCE_PROBS,
-)
-from ._toy_corpus import (
-    SOURCE_WORDS as SOURCE_WORDS,
-)
-from ._toy_corpus import (
-    TARGET_WORDS as TARGET_WORDS,
-)
-from ._toy_corpus import (
-    TRANSLATION_PROBS as TRANSLATION_PROBS,
-)
-from ._toy_corpus import (
-    VOCAB as VOCAB,
-)
-from ._toy_corpus import (
-    Corpus as Corpus,
-)
-from ._toy_corpus import (
-    Pairs as Pairs,
-)
-from ._toy_corpus import (
-    decode as decode,
-)
-from ._toy_corpus import (
-    sample_corpus as sample_corpus,
-)
-from ._toy_corpus import (
-    sample_pairs as sample_pairs,
+    BOS,
+    EOS,
+    PAD,
+    SOURCE_PROBS,
+    SOURCE_WORDS,
+    TARGET_WORDS,
+    TRANSLATION_PROBS,
+    VOCAB,
+    Corpus,
+    Pairs,
+    decode,
+    sample_corpus,
+    sample_pairs,
 )
 
 __all__ = [
