@@ -1,50 +1,43 @@
-"""jxent on JAX's multi-process runtime: real OS processes, one global mesh.
+"""The checks of ``tests/test_multiprocess.py``: jxent across real OS processes against one device.
 
-On a cluster, JAX runs one process per host (or per accelerator), joined by
-``jax.distributed.initialize``; a mesh spans every process, collectives cross
-process boundaries, and each process holds only its own shards. This script
-does exactly that on one machine: it launches ``--num-processes`` Python
-processes, each with ``--local-devices`` CPU devices, joined through a
-coordinator on ``localhost`` (a free port) with gloo as the cross-process
-collective implementation, on one ``data × vocab`` mesh over all of them.
-
-The mesh is laid out so that every collective crosses a process boundary:
-each row of the ``vocab`` axis and each column of the ``data`` axis holds
-devices of different processes (in production you would keep the vocab axis
-inside a host; here the point is to prove the cross-process path). Every
-process builds only its own blocks of the batch and of the vocabulary with
-``jax.make_array_from_callback``: each sequence and each kernel column is drawn
-from its own seed, so a block can be made without the rest of the array.
+``examples/multiprocess.py`` shows the setup a user copies; this harness proves
+the cross-process path. It launches ``--num-processes`` Python processes, each
+with ``--local-devices`` CPU devices, joined by ``jax.distributed.initialize``
+through a coordinator on ``localhost`` (a free port) with gloo collectives, on
+one ``data × vocab`` mesh over all of them. With the default 2 × 4 the mesh is
+interleaved: each row of the ``vocab`` axis and each column of the ``data``
+axis holds devices of different processes, so every collective crosses a
+process boundary (when the vocab axis is smaller than the process count, the
+devices are grouped by process instead). Every process builds only its own
+blocks with ``jax.make_array_from_callback``: each sequence and each kernel
+column is drawn from its own seed.
 
 The checks, each compared with the same computation in one process on one
-device (``jax.local_devices()[0]``, plain ``jit``, the whole batch built from
-the same seeds), values and gradients to 1e-5 relative in float32 (the
-largest error over every process's shards, divided by the largest magnitude
-of the reference):
+device (``jax.local_devices()[0]``, plain ``jit``, the whole batch from the
+same seeds), values and gradients to 1e-5 relative in float32 (the largest
+error over every process's shards, divided by the largest magnitude of the
+reference):
 
 * data-parallel ``nll_stats`` whose ``psum`` over ``data`` is the exact global
   token mean;
 * vocab-parallel ``linear_cross_entropy``, value and gradients for hidden,
-  kernel and bias;
-* vocab-parallel ``sequence_nll`` (and ``token_stats`` and ``distillation_loss``
-  where this version of jxent has them);
+  kernel and bias, with the collectives of its compiled per-device program;
+* vocab-parallel ``sequence_nll``, ``token_stats`` and ``distillation_loss`` per
+  position, with their vector-Jacobian products;
 * plain ``jit`` of single-device code, ``sequence_nll`` on ``LinearLogits``,
   with the arrays placed over ``data × vocab`` on Auto and on Explicit mesh
   axes: no ``shard_map``, no axis names, and no all-gather in the program;
-* a jitted Flax NNX + optax training step, a few steps on data-sharded batches.
+* a jitted Flax NNX + optax training step, three steps on data-sharded batches.
 
-One line per check, a verdict, and a non-zero exit on any mismatch. Faults are
-reported, never hung on: the launcher watches its processes and, when one dies,
-names it and stops the others; processes with different numbers of local
-devices refuse to start; a vocabulary that does not divide over the vocab axis
-gets ``shard_map``'s error, as in one process. Run:
-
-    python examples/multiprocess.py                    # 2 processes x 4 CPU devices
-    python examples/multiprocess.py --num-processes 4 --local-devices 2
-
-Options for trying the faults: ``--crash-process I`` (process I kills itself
-after the first check), ``--local-devices 4,2`` (one count per process),
-``--vocab 30``.
+One line per check (``ok``/``FAIL``) and a non-zero exit on any mismatch.
+Faults end the run with a message, never a hang: the launcher relays the
+processes' output, and when one dies it names it and stops (kills and reaps)
+the others; processes with different numbers of local devices refuse to
+start; a vocabulary that does not divide over the vocab axis gets
+``shard_map``'s error, as in one process. The options that make them:
+``--crash-process I`` (process I kills itself after the first check),
+``--local-devices 4,2`` (one count per process), ``--vocab 30``; ``--only NAME``
+runs only the checks whose name contains NAME.
 """
 
 from __future__ import annotations
@@ -112,6 +105,7 @@ def launch(args: argparse.Namespace) -> int:
         command = [sys.executable, __file__, "--worker", str(i), "--coordinator", address]
         command += ["--num-processes", str(args.num_processes), "--local-devices", str(count)]
         command += ["--vocab", str(args.vocab), "--crash-process", str(args.crash_process)]
+        command += ["--only", args.only]
         procs.append(
             subprocess.Popen(
                 command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
@@ -170,7 +164,7 @@ def stop(procs: list[subprocess.Popen], grace: float = 2.0) -> None:
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--num-processes", type=int, default=2)
     parser.add_argument(
         "--local-devices", default="4", help="CPU devices per process, or one count per process"
@@ -178,6 +172,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--vocab", type=int, default=256, help="vocabulary size")
     parser.add_argument("--timeout", type=float, default=300, help="seconds for the whole run")
     parser.add_argument("--crash-process", type=int, default=-1, help="kill this process mid-run")
+    parser.add_argument("--only", default="", help="run the checks whose name contains this")
     parser.add_argument("--worker", type=int, default=None, help=argparse.SUPPRESS)
     parser.add_argument("--coordinator", help=argparse.SUPPRESS)
     return parser.parse_args(argv)
@@ -190,8 +185,6 @@ if __name__ == "__main__" and "--worker" not in sys.argv:
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
-import optax  # noqa: E402
-from flax import nnx  # noqa: E402
 from jax.experimental import multihost_utils  # noqa: E402
 from jax.sharding import AxisType, Mesh, NamedSharding  # noqa: E402
 from jax.sharding import PartitionSpec as P  # noqa: E402
@@ -490,6 +483,8 @@ def plain_jit_fused(rt: Runtime, src: dict):
 
 
 def nnx_optax_training(rt: Runtime, src: dict, steps: int = 3):
+    import optax  # imported here: the fault tests end before this check
+    from flax import nnx
 
     vocab = src["kernel"].shape[1]
 
@@ -542,13 +537,13 @@ def nnx_optax_training(rt: Runtime, src: dict, steps: int = 3):
 
 
 CHECKS = [
-    ("data-parallel nll_stats + psum", data_parallel_nll_stats, None),
-    ("vocab-parallel linear_cross_entropy", vocab_parallel_linear_cross_entropy, None),
-    ("vocab-parallel sequence_nll", vocab_parallel_sequence_nll, None),
-    ("vocab-parallel token_stats", vocab_parallel_token_stats, "token_stats"),
-    ("vocab-parallel distillation_loss", vocab_parallel_distillation_loss, "distillation_loss"),
-    ("plain jit, LinearLogits on sharded arrays", plain_jit_fused, None),
-    ("Flax NNX + optax training step", nnx_optax_training, None),
+    ("data-parallel nll_stats + psum", data_parallel_nll_stats),
+    ("vocab-parallel linear_cross_entropy", vocab_parallel_linear_cross_entropy),
+    ("vocab-parallel sequence_nll", vocab_parallel_sequence_nll),
+    ("vocab-parallel token_stats", vocab_parallel_token_stats),
+    ("vocab-parallel distillation_loss", vocab_parallel_distillation_loss),
+    ("plain jit, LinearLogits on sharded arrays", plain_jit_fused),
+    ("Flax NNX + optax training step", nnx_optax_training),
 ]
 
 
@@ -564,12 +559,9 @@ def work(args: argparse.Namespace) -> int:
     )
     src = batch_sources(args.vocab)
     mismatches = 0
-    for k, (name, check, needs) in enumerate(CHECKS):
+    for k, (name, check) in enumerate(c for c in CHECKS if args.only in c[0]):
         if k == 1 and me == args.crash_process:
             os.kill(os.getpid(), signal.SIGKILL)  # --crash-process: die mid-run
-        if needs is not None and not hasattr(jxent, needs):
-            say(f"skip {name}: jxent.{needs} is not in this version of jxent")
-            continue
         start = time.perf_counter()
         try:
             got, want, note = check(rt, src)

@@ -23,6 +23,7 @@ PAGES = ("README.md", "docs/*.md")
 
 CHECKED_BY = {
     "python -m jxent": "tests/test_main.py",
+    "python examples/multiprocess.py": "tests/test_multiprocess.py",
 }
 
 _BLOCK = re.compile(r"^```[^\n]*\n\$ ([^\n]*)\n(.*?)^```$", re.M | re.S)
