@@ -89,7 +89,9 @@ def class_log_probs(
         under ``jax_enable_x64``), or a :class:`~jxent.LinearLogits`.
       ids: integer global class ids, ``[..., k]`` (``logits.shape[:-1] + (k,)``,
         per position) or ``[k]`` (the same classes at every position).
-      temperature: ``T > 0``, a Python float or a traced scalar.
+      temperature: ``T > 0``, a Python float or a traced scalar (an invalid
+        traced value gives NaN, reported by ``checkify`` naming it; see
+        :func:`token_stats`).
       where: ``logits.shape[:-1]`` boolean; False = not counted (0, zero gradient).
       vocab_axis_name: inside ``shard_map``, the mesh axis along which the
         vocabulary is sharded (``ids`` stay global).

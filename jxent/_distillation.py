@@ -192,7 +192,7 @@ def distillation_loss(
         :class:`~jxent.TopK` of ids ``[..., k]`` over the student's positions.
       divergence: ``"kl"``, ``"reverse_kl"``, ``"jsd"`` or ``"tvd"``.
       beta: the mixture weight of the teacher for ``"jsd"``, in ``(0, 1)``
-        (ignored otherwise).
+        (ignored otherwise); a Python float or a traced scalar.
       temperature: ``T > 0``, dividing both logits (Python float or traced scalar).
       shift: required, no default: ``False`` (0) when each position's
         distributions are compared as they are, ``True`` (1) or ``k`` as in
@@ -204,7 +204,8 @@ def distillation_loss(
       targets: ``[...]`` integer ids for the hard term; ids equal to
         ``ignore_index`` drop the whole position from both terms and from the
         mean's denominator.
-      hard_weight: ``α`` in ``[0, 1]``; ``α > 0`` needs ``targets``.
+      hard_weight: ``α`` in ``[0, 1]``; ``α > 0`` needs ``targets`` (a traced
+        ``α`` needs them too). A Python float or a traced scalar.
       ignore_index: see ``targets`` (``None`` disables it).
       segment_ids: ``[..., T]`` integer document ids of packed rows (with a
         shift: position ``t`` counts only within its document).
@@ -224,9 +225,16 @@ def distillation_loss(
     negative (rounding below 0 is removed; the gradient is that of the formula).
     Masked positions may hold NaN/inf logits: they reach neither value nor gradient.
 
+    Traced options: ``beta``, ``temperature`` and ``hard_weight`` may be
+    traced scalars (a schedule under ``jit``, no recompilation). Out of range
+    they cannot raise: the result is NaN, and ``jax.experimental.checkify``
+    reports the option by name (``"temperature must be a finite float > 0,
+    got -1.0"``).
+
     Raises:
       ValueError: unknown ``divergence`` or ``reduction``, ``β`` outside
-        ``(0, 1)`` for ``"jsd"``, ``hard_weight > 0`` without ``targets``,
+        ``(0, 1)`` for ``"jsd"``, ``T <= 0``, ``hard_weight`` outside
+        ``[0, 1]``, ``hard_weight > 0`` without ``targets``,
         mismatched shapes, an unknown ``topk_mode``; a ``TopK`` with an id
         outside ``[0, V)`` or the same id twice among a position's finite
         entries, or ``Σ exp(log_probs) > 1 + 1e-3`` (eager calls; under

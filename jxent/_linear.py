@@ -60,8 +60,10 @@ def linear_cross_entropy(
         disables it).
       class_weights: ``[V]`` weight per class (PyTorch's ``weight``); a
         constant here: no gradient flows to it.
-      label_smoothing: ``ε`` in ``[0, 1]``.
-      z_loss: coefficient of the PaLM ``lse²`` term.
+      label_smoothing: ``ε`` in ``[0, 1]``; a Python float or a traced scalar
+        (an invalid traced value gives NaN, reported by ``checkify`` naming
+        it), as in :func:`softmax_cross_entropy`.
+      z_loss: coefficient ``>= 0`` of the PaLM ``lse²`` term, like ``label_smoothing``.
       logit_softcap: ``c`` replaces the logits with ``c · tanh(z / c)`` first.
       reduction: ``"mean"`` (÷ the targets' total weight), ``"sum"`` or
         ``"none"`` (per position, 0 where not counted).

@@ -8,6 +8,13 @@ structure); a few coefficients (``label_smoothing``, ``z_loss``,
 schedule under ``jit`` does not recompile. Concrete values come back as Python
 floats, so the common path stays static and specialised; traced ones come back
 as float arrays, and the engine passes them to its cores as arguments.
+
+A concrete value out of range raises ``ValueError``. A traced one cannot: it
+comes back NaN instead (:func:`nan_if_invalid`), so the result is NaN, never
+a finite number computed from a meaningless coefficient, and
+``jax.experimental.checkify`` reports it with the eager error's words, naming
+the option. Per-token ``weights`` are checked the same way, entry by entry
+(``jxent._positions.token_targets``).
 """
 
 from __future__ import annotations
@@ -19,6 +26,7 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.experimental import checkify
 
 from ._checks import float_dtype
 
@@ -83,12 +91,30 @@ def static_float(value: Any, name: str, expected: str) -> float:
         raise TypeError(f"{name} must be {expected}, got {value!r}") from None
 
 
+def nan_if_invalid(value: jax.Array, ok: jax.Array, requirement: str) -> jax.Array:
+    """``value`` where ``ok``, NaN where not: the check of a traced option.
+
+    An invalid traced value cannot raise; it turns what it touches into NaN,
+    never a finite number, and ``jax.experimental.checkify`` reports
+    ``"{requirement}, got {the first invalid entry}"`` (``debug_check`` is a
+    no-op unless the function is checkified). ``ok`` has ``value``'s shape
+    (an array is poisoned entry by entry). A valid value's gradient passes
+    the ``where`` unchanged.
+    """
+    if value.size == 0:
+        return value
+    first_invalid = jnp.ravel(value)[jnp.argmin(jnp.ravel(ok))]
+    message = requirement.replace("{", "{{").replace("}", "}}") + ", got {}"
+    checkify.debug_check(jnp.all(ok), message, first_invalid)
+    return jnp.where(ok, value, jnp.nan)
+
+
 def float_or_traced(value: Any, name: str, expected: str):
     """A Python float, or a traced real scalar (a schedule under ``jit``).
 
     Concrete values (Python numbers, NumPy scalars, concrete 0-d arrays) come
     back as Python floats; a tracer comes back as a float32/float64 scalar
-    array, and its range can only be checked when it is concrete.
+    array (its range is checked by :func:`float_option`).
     """
     if isinstance(value, jax.core.Tracer):
         if value.shape != () or not (
@@ -103,14 +129,19 @@ def float_or_traced(value: Any, name: str, expected: str):
 
 
 def float_option(value: Any, name: str, expected: str, ok, wanted: str | None = None) -> Any:
-    """A Python float checked with ``ok``, or a traced real scalar (range unchecked).
+    """A Python float checked with ``ok``, or a traced real scalar (NaN when ``ok`` fails).
 
     ``expected`` names the type in a ``TypeError``; ``wanted`` (default the
-    same) the range in a ``ValueError``.
+    same) the range in a ``ValueError``, and in ``checkify``'s report of a
+    traced value out of range (:func:`nan_if_invalid`). ``ok`` works on a
+    float and on an array alike (``&``, not ``and``; False for NaN).
     """
     v = float_or_traced(value, name, expected)
-    if isinstance(v, float) and not ok(v):
-        raise ValueError(f"{name} must be {wanted or expected}, got {value!r}")
+    requirement = f"{name} must be {wanted or expected}"
+    if not isinstance(v, float):
+        return nan_if_invalid(v, ok(v), requirement)
+    if not ok(v):
+        raise ValueError(f"{requirement}, got {value!r}")
     return v
 
 
@@ -121,13 +152,16 @@ def is_static(value: Any, number: float) -> bool:
 
 def fraction(value: Any, name: str):
     """A float in ``[0, 1]``, or a traced scalar."""
-    return float_option(value, name, "a float in [0, 1]", lambda v: 0.0 <= v <= 1.0, "in [0, 1]")
+    return float_option(
+        value, name, "a float in [0, 1]", lambda v: (0.0 <= v) & (v <= 1.0), "in [0, 1]"
+    )
 
 
 def nonnegative_float(value: Any, name: str):
     """A finite float ``>= 0``, or a traced scalar."""
     return float_option(
-        value, name, "a non-negative float", lambda v: 0.0 <= v < math.inf, "a finite float >= 0"
+        value, name, "a non-negative float", lambda v: (0.0 <= v) & (v < math.inf),
+        "a finite float >= 0",
     )
 
 
@@ -142,7 +176,9 @@ def softcap(value: Any) -> float | None:
 
 def temperature(value: Any) -> Any:
     """``temperature`` as a finite Python float > 0, or a traced scalar."""
-    return float_option(value, "temperature", "a finite float > 0", lambda v: 0 < v < math.inf)
+    return float_option(
+        value, "temperature", "a finite float > 0", lambda v: (0 < v) & (v < math.inf)
+    )
 
 
 def static_int(value: Any, name: str, *, allow_none: bool = True) -> int | None:
@@ -264,10 +300,10 @@ def distillation_options(
             'a float in the open interval (0, 1) for divergence="jsd" (beta -> 0 tends to '
             'beta * "kl", the forward KL(t||s), and beta -> 1 to (1 - beta) * "reverse_kl", '
             "KL(s||t); pass those divergences instead)",
-            lambda v: 0 < v < 1,
+            lambda v: (0 < v) & (v < 1),
         )
     hard_weight = float_option(
-        hard_weight, "hard_weight", "a float in [0, 1]", lambda v: 0 <= v <= 1
+        hard_weight, "hard_weight", "a float in [0, 1]", lambda v: (0 <= v) & (v <= 1)
     )
     if not has_targets and not is_static(hard_weight, 0.0):
         raise ValueError(

@@ -30,7 +30,7 @@ from ._checks import (
     is_concrete,
 )
 from ._logits import LinearLogits
-from ._options import static_int
+from ._options import nan_if_invalid, static_int
 from ._vocab import ClassOps
 
 
@@ -321,12 +321,16 @@ def token_targets(
     )
     segment_ids = _position_array(segment_ids, positions, "segment_ids", "integer", function)
     weights = _position_array(weights, positions, "weights", "floating", function)
-    if weights is not None and is_concrete(weights):
-        w = np.asarray(weights)
-        if w.size and not (np.isfinite(w) & (w >= 0)).all():
-            raise ValueError(
-                f"weights must be finite and >= 0, got {float(w[~(np.isfinite(w) & (w >= 0))][0])}"
-            )
+    if weights is not None:
+        requirement = "weights must be finite and >= 0"
+        if is_concrete(weights):
+            w = np.asarray(weights)
+            bad = ~(np.isfinite(w) & (w >= 0))
+            if bad.any():
+                raise ValueError(f"{requirement}, got {float(w[bad][0])}")
+        else:  # traced: an invalid weight makes its (counted) position's loss NaN
+            ok = jnp.isfinite(weights) & (weights >= 0)
+            weights = nan_if_invalid(weights, ok, requirement)
     counted = jnp.ones(positions, bool)
     length = None
     if shift:

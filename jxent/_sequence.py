@@ -219,7 +219,11 @@ def sequence_nll(
       weights: ``[..., T]`` float weights ``>= 0`` of the target tokens, aligned
         with ``tokens``: each counted token's loss is multiplied by its weight
         and ``"tokens"`` divides by the sum of the counted weights (as PyTorch
-        divides by the targets' class weights).
+        divides by the targets' class weights). A negative or non-finite
+        weight raises ``ValueError`` eagerly; under ``jit`` it makes that
+        position's loss (and any sum over it) NaN, and
+        ``jax.experimental.checkify`` reports it (``"weights must be finite
+        and >= 0, got …"``).
       ignore_index: tokens equal to it are not counted (``None`` disables).
       normalize: ``"tokens"`` -- Σ NLL over all counted tokens of the batch /
         their number (the global token mean); ``"sequences"`` -- each

@@ -221,11 +221,13 @@ def softmax_cross_entropy(
         (or NumPy) int: under ``jit`` close over it or mark it static.
       class_weights: ``[C]`` weight per class (PyTorch's ``weight``).
       label_smoothing: ``ε`` in ``[0, 1]``: a Python float, or a traced scalar
-        (a schedule under ``jit``: no recompilation per value; the range is
-        checked when the value is concrete).
-      z_loss: coefficient of the PaLM auxiliary ``lse²`` term (not weighted by
-        ``class_weights``; reduced with the same denominator); a Python float
-        or a traced scalar, like ``label_smoothing``.
+        (a schedule under ``jit``: no recompilation per value). A concrete
+        value outside ``[0, 1]`` raises ``ValueError``; a traced one makes
+        the result NaN, and ``jax.experimental.checkify`` reports it
+        (``"label_smoothing must be in [0, 1], got …"``).
+      z_loss: coefficient ``>= 0`` of the PaLM auxiliary ``lse²`` term (not
+        weighted by ``class_weights``; reduced with the same denominator); a
+        Python float or a traced scalar, checked like ``label_smoothing``.
       logit_softcap: ``c`` replaces logits with ``c · tanh(logits / c)`` first
         (Gemma 2); its gradient includes ``tanh'``.
       reduction: ``"mean"``, ``"sum"`` or ``"none"``.

@@ -196,7 +196,10 @@ def token_stats(
         ``t`` is counted only when ``segment_ids[t] == segment_ids[t + k]``
         (see :func:`sequence_nll`).
       temperature: ``T > 0``, a Python float or a traced scalar (e.g. the
-        sampling temperature of an RL rollout).
+        sampling temperature of an RL rollout). A concrete ``T <= 0`` (or
+        inf, NaN) raises ``ValueError``; a traced one makes every statistic
+        NaN, and ``jax.experimental.checkify`` reports it
+        (``"temperature must be a finite float > 0, got …"``).
       vocab_axis_name: inside ``shard_map``, the mesh axis along which the
         vocabulary (last axis of ``logits``) is sharded; tokens hold global
         ids and shards exchange only per-position vectors.

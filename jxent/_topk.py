@@ -31,6 +31,7 @@ from jaxtyping import ArrayLike, Float, Int
 from ._checks import as_integer_ids, float_dtype, is_concrete
 from ._numerics import nonnegative
 from ._options import is_static
+from ._options import temperature as parse_temperature
 from ._vocab import ClassOps, hard_cross_entropy, scaled, shifted
 
 __all__ = ["TopK", "stored_rows", "topk_core", "bucket_divergence"]
@@ -86,7 +87,13 @@ class TopK:
     @classmethod
     def from_logits(cls, logits: Float[ArrayLike, "*batch V"], k: int,
                     temperature: float = 1.0) -> TopK:
-        """The ``k`` most probable classes of ``softmax(logits / temperature)`` (dense logits)."""
+        """The ``k`` most probable classes of ``softmax(logits / temperature)`` (dense logits).
+
+        ``temperature`` is checked as :func:`~jxent.token_stats` checks it (a
+        ``ValueError`` for a concrete value ``<= 0``; NaN log-probs, reported
+        by ``checkify``, for a traced one).
+        """
+        temperature = parse_temperature(temperature)
         z = jnp.asarray(logits, float_dtype(jnp.asarray(logits).dtype)) / temperature
         log_p = jax.lax.stop_gradient(jax.nn.log_softmax(z, axis=-1))
         values, ids = jax.lax.top_k(log_p, k)
