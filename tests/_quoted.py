@@ -16,6 +16,9 @@ line and exact, numbers included, but for two documented normalisations:
 from __future__ import annotations
 
 import re
+import shlex
+import subprocess
+import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -23,6 +26,8 @@ PAGES = ("README.md", "docs/*.md")
 
 CHECKED_BY = {
     "python -m jxent": "tests/test_main.py",
+    "python examples/distributed.py": "tests/test_parallel.py",
+    "python examples/sharded_nnx.py": "tests/test_integration.py",
     "python examples/multiprocess.py": "tests/test_multiprocess.py",
 }
 
@@ -41,6 +46,20 @@ def quotes() -> list[tuple[str, str, list[str]]]:
                 name = page.relative_to(ROOT).as_posix()
                 found.append((name, match.group(1).strip(), match.group(2).splitlines()))
     return found
+
+
+def run(command: str, timeout: float = 300) -> str:
+    """The stdout of ``command`` (``python ...``) run as a user runs it, from the repository root.
+
+    A subprocess with the suite's environment, which ``conftest.py`` leaves as
+    it found it: the program's own devices and compiler settings, not the suite's.
+    """
+    argv = [sys.executable, *shlex.split(command)[1:]]
+    proc = subprocess.run(argv, cwd=ROOT, capture_output=True, text=True, timeout=timeout,
+                          check=False)
+    assert proc.returncode == 0, f"`{command}` exited with {proc.returncode}:\n{proc.stdout}" \
+        f"\n{proc.stderr}"
+    return proc.stdout
 
 
 def assert_quoted(command: str, output: str) -> None:

@@ -13,14 +13,14 @@ The quick tier, ``pytest -m "not slow"``, leaves out the tests marked
 everything. Measure with ``pytest --durations=20``.
 """
 
-import importlib.util
 import os
-from pathlib import Path
 
 DEVICES = 8
 # Small programs compile faster with LLVM's quick setting (the HLO, and so every
-# value, shape and collective, is the same); a test that computes more than it
-# compiles asks for full optimisation: jax.jit(f, compiler_options=OPTIMIZED).
+# shape and collective, is the same; a value can differ in its last float32 digit,
+# so a program whose printed output is quoted in the docs runs in a subprocess);
+# a test that computes more than it compiles asks for full optimisation:
+# jax.jit(f, compiler_options=OPTIMIZED).
 QUICK_LLVM = "--xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true"
 _flags = os.environ.get("XLA_FLAGS", "")
 os.environ["XLA_FLAGS"] = (
@@ -55,27 +55,3 @@ def rng() -> np.random.Generator:
     """A seeded NumPy generator, fresh for every test."""
     return np.random.default_rng(20261129)
 
-
-@pytest.fixture
-def example(capsys):
-    """``example(name) -> (status, stdout)``: ``examples/<name>.py``'s ``main()``, in this process.
-
-    The examples set ``XLA_FLAGS`` for 8 devices before importing jax; here
-    jax already has the suite's 8, so the flag is a no-op, and the environment
-    is restored afterwards so later subprocesses do not inherit it.
-    """
-
-    def run(name: str):
-        path = Path(__file__).parents[1] / "examples" / f"{name}.py"
-        saved = dict(os.environ)
-        try:
-            spec = importlib.util.spec_from_file_location(f"_example_{name}", path)
-            module = importlib.util.module_from_spec(spec)
-            spec.loader.exec_module(module)
-            status = module.main()
-        finally:
-            os.environ.clear()
-            os.environ.update(saved)
-        return status, capsys.readouterr().out
-
-    return run

@@ -5,7 +5,8 @@ import pathlib
 import re
 import sys
 
-from _quoted import _mismatch
+import pytest
+from _quoted import CHECKED_BY, _mismatch, quotes
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
@@ -48,6 +49,34 @@ def test_report_replaces_only_its_own_section(tmp_path, monkeypatch, capsys):
     with _report.report(True, argv=["benchmarks/b.py"]):
         print("new")
     assert "<!-- begin benchmarks/b.py -->" in doc.read_text()
+
+
+@pytest.mark.slow
+def test_performance_mds_lowered_table_is_what_accelerator_py_prints(monkeypatch, capsys):
+    """The one table of docs/performance.md without timings, regenerated (lowering only, ~2 s)."""
+    doc = (ROOT / "docs" / "performance.md").read_text(encoding="utf-8")
+    header = "| N, D, V | inputs | platform | chunk rows | chunks | products |"
+    quoted = doc[doc.index(header):].split("\n<!-- end", 1)[0].strip().splitlines()
+    sizes = dict.fromkeys(tuple(map(int, row.split("|")[1].split(","))) for row in quoted[2:])
+    monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))
+    import accelerator
+
+    accelerator.lowered_table(list(sizes))
+    printed = capsys.readouterr().out.strip().splitlines()
+    assert printed[-len(quoted):] == quoted
+
+
+def test_every_quoted_output_is_compared_with_the_program_by_a_test():
+    """A ```` ``` ```` block starting ``$ COMMAND`` in README.md or docs/*.md is program output."""
+    found = quotes()
+    for page, command, _ in found:
+        assert command in CHECKED_BY, (
+            f"{page} quotes the output of `{command}`, which no test compares with the program: "
+            "add it to tests/_quoted.py's CHECKED_BY and call assert_quoted in that test"
+        )
+    for command, test in CHECKED_BY.items():
+        assert f'assert_quoted("{command}"' in (ROOT / test).read_text(encoding="utf-8"), test
+    assert {command for _, command, _ in found} == set(CHECKED_BY)
 
 
 def test_a_quote_is_the_output_but_for_seconds_and_elided_lines():

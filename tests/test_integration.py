@@ -35,6 +35,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from _quoted import assert_quoted, run
 from flax import nnx
 
 import jxent
@@ -226,14 +227,15 @@ def test_averaging_micro_batch_means_is_not_the_big_batch(corpus, functional_mod
 
 
 @pytest.mark.slow
-def test_sharded_nnx_example_matches_one_device(example):
+def test_sharded_nnx_example_matches_one_device_and_its_quote():
     """examples/sharded_nnx.py: an NNX LM sharded over data × vocabulary, plain jit, optax.
 
-    The script trains on one device and on Auto and Explicit 2 × 4 meshes of
-    the suite's 8 devices, and returns 1 unless losses and parameters agree,
-    the head's gradient stays vocab-sharded and nothing is all-gathered.
+    The script, run as a user runs it, trains on one device and on Auto and
+    Explicit 2 × 4 meshes of its 8 CPU devices, and exits 1 unless losses and
+    parameters agree, the head's gradient stays vocab-sharded and nothing is
+    all-gathered; docs/distributed.md quotes its output.
     """
-    status, out = example("sharded_nnx")
-    assert status == 0, out
+    out = run("python examples/sharded_nnx.py")
     assert out.count("same as one device, nothing gathered") == 2, out
     assert "all-gather" not in out
+    assert_quoted("python examples/sharded_nnx.py", out)

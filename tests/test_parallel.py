@@ -2,9 +2,9 @@
 
 The multi-device checks inside ``shard_map`` are ``tests/test_mesh.py``; the
 plain-``jit`` ones on placed arrays ``tests/test_sharding.py``. Here:
-``examples/distributed.py`` run in this process (on the suite's 8 simulated
-devices) against one device, and a mesh of one device, which must give the
-plain results too.
+``examples/distributed.py`` run as a user runs it (its own 8 CPU devices)
+against one device, with the output docs/distributed.md quotes, and a mesh
+of one device, which must give the plain results too.
 """
 
 from __future__ import annotations
@@ -14,6 +14,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from _quoted import assert_quoted, run
 from jax.sharding import Mesh
 from jax.sharding import PartitionSpec as P
 
@@ -21,12 +22,12 @@ import jxent
 
 
 @pytest.mark.slow
-def test_distributed_example_runs_and_matches_one_device(example):
-    """examples/distributed.py returns 1 on any mismatch with one device."""
-    status, out = example("distributed")
-    assert status == 0, out
+def test_distributed_example_matches_one_device_and_its_quote():
+    """examples/distributed.py exits 1 on any mismatch with one device."""
+    out = run("python examples/distributed.py")
     assert "all paths equal the single-device loss and gradients" in out
     assert "all-gather" not in out
+    assert_quoted("python examples/distributed.py", out)
 
 
 @pytest.mark.slow
