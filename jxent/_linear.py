@@ -90,9 +90,10 @@ def linear_cross_entropy(
       dtypes (bf16 stays bf16); which operands are rounded on the way is the
       ``precision`` policy's (by default on CPU none: float32 throughout).
 
-    Transformations: ``jit``, ``grad``/``vjp``/``value_and_grad`` and ``vmap``.
-    Forward mode (``jvp``, ``jacfwd``, ``hessian``) is not available: the
-    function is a ``custom_vjp``. With ``"mean"``/``"sum"`` the gradients are
+    Transformations: ``jit``, ``grad``/``vjp``/``value_and_grad``, ``vmap``,
+    and the derivatives of reverse mode (``hessian``, ``jvp`` of ``grad``).
+    A first-order forward derivative (``jvp``, ``jacfwd``, ``linearize``) is
+    refused: the function is a ``custom_vjp``. With ``"mean"``/``"sum"`` the gradients are
     computed in the forward pass of a differentiated call (three products per
     chunk in all); a call that is not differentiated does the forward work
     only (one product per chunk); ``"none"`` recomputes the logits in the

@@ -33,6 +33,7 @@ from ._chunk import Rule
 from ._loop import default_chunk_size, default_precision
 from ._partition import partitioned_rules
 from ._sharding import mesh_kind, run_explicit
+from ._vmap import innermost_vmap, mapped
 
 __all__ = ["Rule", "default_chunk_size", "default_precision", "run"]
 
@@ -94,12 +95,27 @@ def run(
                 f"the fused path differentiates LinearLogits only; pass the {name} as "
                 "LinearLogits too"
             )
-    if mesh_kind((logits, rows, counted)) == "explicit":
-        return run_explicit(
-            _local, core, logits, rows, counted, mode=mode, options=options,
-            trainable=trainable, axis=options.get("axis", -1), fused=tuple(fused),
-        )
-    return _local(core, logits, rows, counted, mode=mode, options=options, trainable=trainable)
+    static, arrays = _split(options)
+
+    def dispatch(logits, rows, counted, arrays, mode=mode):
+        options = dict(static, **arrays)
+        if mesh_kind((logits, rows, counted)) == "explicit":
+            return run_explicit(
+                _local, core, logits, rows, counted, mode=mode, options=options,
+                trainable=trainable, axis=options.get("axis", -1), fused=tuple(fused),
+            )
+        return _local(core, logits, rows, counted, mode=mode, options=options,
+                      trainable=trainable)
+
+    if any(fused) and innermost_vmap((logits, rows, counted)):
+
+        def again(logits, rows, counted, arrays, mode):
+            return run(core, logits, rows, counted, mode=mode, options=dict(static, **arrays),
+                       trainable=trainable, names=names)
+
+        return mapped(again, dispatch, mode=mode, fused=tuple(fused), logits=logits, rows=rows,
+                      counted=counted, arrays=arrays)
+    return dispatch(logits, rows, counted, arrays)
 
 
 def _local(core, logits, rows, counted, *, mode, options, trainable):
