@@ -96,16 +96,18 @@ def nan_if_invalid(value: jax.Array, ok: jax.Array, requirement: str) -> jax.Arr
 
     An invalid traced value cannot raise; it turns what it touches into NaN,
     never a finite number, and ``jax.experimental.checkify`` reports
-    ``"{requirement}, got {the first invalid entry}"`` (``debug_check`` is a
+    ``"{requirement}, got {the smallest invalid entry}"`` (``debug_check`` is a
     no-op unless the function is checkified). ``ok`` has ``value``'s shape
     (an array is poisoned entry by entry). A valid value's gradient passes
     the ``where`` unchanged.
     """
     if value.size == 0:
         return value
-    first_invalid = jnp.ravel(value)[jnp.argmin(jnp.ravel(ok))]
+    # A reduction, not an index into the flattened array: it keeps any layout
+    # (a sequence axis split over Explicit mesh axes cannot be flattened).
+    invalid = jnp.min(jnp.where(ok, jnp.inf, value))
     message = requirement.replace("{", "{{").replace("}", "}}") + ", got {}"
-    checkify.debug_check(jnp.all(ok), message, first_invalid)
+    checkify.debug_check(jnp.all(ok), message, invalid)
     return jnp.where(ok, value, jnp.nan)
 
 

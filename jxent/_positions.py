@@ -29,6 +29,7 @@ from ._checks import (
     float_logits,
     is_concrete,
 )
+from ._engine._sharding import shift_left, whole_last_axis
 from ._logits import LinearLogits
 from ._options import nan_if_invalid, static_int
 from ._vocab import ClassOps
@@ -58,7 +59,7 @@ class Positions(NamedTuple):
         """Per-position outputs (a pytree of ``[P]`` arrays) cut to the predicted positions."""
         if self.length is None:
             return out
-        return jax.tree.map(lambda x: x[..., : self.length], out)
+        return jax.tree.map(lambda x: whole_last_axis(x)[..., : self.length], out)
 
     def untrim(self, x: jax.Array) -> jax.Array:
         """An array of the predicted positions ``[..., T − k]`` padded with 0 to ``[..., T]``."""
@@ -255,11 +256,8 @@ def class_targets(logits, targets, *, axis, where, ignore_index, vocab_axis_name
 
 
 def _shifted(x, k: int, fill):
-    """``x[..., t + k]`` at ``t``, and ``fill`` at the last ``k`` positions."""
-    if k == 0:
-        return x
-    pad = [(0, 0)] * (x.ndim - 1) + [(0, min(k, x.shape[-1]))]
-    return jnp.pad(x[..., k:], pad, constant_values=fill)  # keeps x's sharding
+    """``x[..., t + k]`` at ``t``, and ``fill`` at the last ``k`` positions (in ``x``'s layout)."""
+    return shift_left(x, k, fill)
 
 
 def _position_array(x, shape, name: str, kind: str, function: str):

@@ -164,14 +164,23 @@ def _fused(core, logits, rows, counted, mode, options, trainable):
     chunks = [x.chunk_size for x in logits if isinstance(x, LinearLogits)]
     precision = [x.precision if isinstance(x, LinearLogits) else None for x in logits]
     plan = _loop.plan_for(core, members, counted, static, trainable, chunks, precision)
+    per_position, summed = _loop.positions, _loop.summed
     if mesh_kind(members) == "auto":
+        # The positions keep their axes: the partitioned ops split each as it
+        # is placed (a sequence axis too) and flatten each device's block.
         per_position, summed = partitioned_rules(tuple(chunks))
-    else:
-        per_position, summed = _loop.positions, _loop.summed
+        members = tuple(
+            (m[0].reshape(x.hidden.shape), m[1], m[2]) if isinstance(x, LinearLogits)
+            else m.reshape(x.shape)
+            for x, m in zip(logits, members, strict=True)
+        )
+        rows, counted = jax.tree.map(lambda r: r.reshape(positions + r.shape[1:]), rows), \
+            counted.reshape(positions)
     try:
         if mode == "sum":
             return summed(plan, members, rows, counted, arrays)
-        return _unflatten(per_position(plan, members, rows, counted, arrays), positions)
+        out = per_position(plan, members, rows, counted, arrays)
+        return out if out_positions(out, positions) else _unflatten(out, positions)
     except TypeError as e:
         if "forward-mode" not in str(e):
             raise
@@ -186,6 +195,11 @@ FORWARD_MODE = (
     "Hessian-vector products. For a first-order forward derivative, pass the "
     "materialised logits (hidden @ kernel + bias) instead."
 )
+
+
+def out_positions(out, positions) -> bool:
+    """Whether per-position outputs already have the positions' axes."""
+    return all(x.shape[: len(positions)] == positions for x in jax.tree.leaves(out))
 
 
 def _unflatten(out, positions):

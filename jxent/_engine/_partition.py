@@ -17,6 +17,7 @@ On one device the op is the plain computation.
 from __future__ import annotations
 
 import functools
+import math
 from functools import partial
 from typing import Any, NamedTuple
 
@@ -36,40 +37,42 @@ class Op(NamedTuple):
     kind: str
     plan: Any
     tree: Any  # the treedef of (members, rows, counted, arrays, saved, ct)
+    npos: int  # the position axes (``hidden [*P, D]``, ``counted [*P]``): each may be split
     roles: tuple  # per operand leaf: its factors ("n" positions, "v" classes, "d0" features...)
     results: tuple  # per result leaf, the same
     chunk_sizes: tuple  # the members' chunk_size (None: the default for this device)
 
 
-def _per_position(x) -> tuple:
-    return ("n",) + tuple(f"r{j}" for j in range(1, x.ndim))
+def _per_position(x, npos: int) -> tuple:
+    return tuple(f"n{j}" for j in range(npos)) + tuple(f"r{j}" for j in range(npos, x.ndim))
 
 
-def _member_roles(members) -> list:
-    """Per member, its arrays' factors: ``hidden [n, d_i]``, ``kernel [d_i, v]``, ``bias [v]``."""
+def _member_roles(members, npos: int) -> list:
+    """Per member, its arrays' factors: ``hidden [*n, d_i]``, ``kernel [d_i, v]``, ``bias [v]``."""
+    n = tuple(f"n{j}" for j in range(npos))
     out = []
     for i, m in enumerate(members):
         if is_linear(m):
-            out.append((("n", f"d{i}"), (f"d{i}", "v"), None if m[2] is None else ("v",)))
+            out.append((n + (f"d{i}",), (f"d{i}", "v"), None if m[2] is None else ("v",)))
         else:
-            out.append((("n", "v"),))
+            out.append((n + ("v",),))
     return out
 
 
-def _roles(members, rows, counted, arrays, saved, ct) -> tuple:
-    num_classes = next(m[1].shape[1] if is_linear(m) else m.shape[1] for m in members)
-    out = [r for roles in _member_roles(members) for r in roles if r is not None]
-    out += [_per_position(x) for x in jax.tree.leaves(rows)]
-    out.append(("n",))
+def _roles(npos, members, rows, counted, arrays, saved, ct) -> tuple:
+    num_classes = next(m[1].shape[1] if is_linear(m) else m.shape[-1] for m in members)
+    out = [r for roles in _member_roles(members, npos) for r in roles if r is not None]
+    out += [_per_position(x, npos) for x in jax.tree.leaves(rows)]
+    out.append(_per_position(counted, npos))
     out += [
         ("v",) if x.ndim == 1 and x.shape[0] == num_classes else ()
         for x in jax.tree.leaves(arrays)
     ]
-    out += [_per_position(x) for x in jax.tree.leaves((saved, ct))]
+    out += [_per_position(x, npos) for x in jax.tree.leaves((saved, ct))]
     return tuple(out)
 
 
-def _result_roles(kind: str, members, results) -> tuple:
+def _result_roles(kind: str, npos: int, members, results) -> tuple:
     """Sums replicated, per-position outputs split like the positions, gradients like primals."""
     out = []
     if kind in ("sums", "sums_grads"):
@@ -77,27 +80,52 @@ def _result_roles(kind: str, members, results) -> tuple:
         out += [tuple(f"s{j}" for j in range(s.ndim)) for s in jax.tree.leaves(sums)]
     if kind in ("sums_grads", "backward"):
         grads = results[1] if kind == "sums_grads" else results
-        for roles, g in zip(_member_roles(members), grads, strict=True):
+        for roles, g in zip(_member_roles(members, npos), grads, strict=True):
             if g is not None:
                 out += [r for r, x in zip(roles, g, strict=True) if x is not None]
     if kind in ("forward", "forward_saved"):
-        out += [_per_position(x) for x in jax.tree.leaves(results)]
+        out += [_per_position(x, npos) for x in jax.tree.leaves(results)]
     return tuple(out)
 
 
+def _flat_work(kind: str, plan, npos: int, members, rows, counted, arrays, saved, ct, lower=None):
+    """:func:`~._loop.work` on positions ``[*P]`` flattened, its per-position results unflattened.
+
+    ``lower(plan, members, counted)`` gives the plan of a device's block (and
+    ``_combine`` its parts); None runs ``plan`` as it is.
+    """
+    shape = counted.shape[:npos]
+    n = math.prod(shape)
+    flat = lambda x: x.reshape((n,) + x.shape[npos:])
+    members = tuple((flat(m[0]), m[1], m[2]) if is_linear(m) else flat(m) for m in members)
+    rows, counted, saved, ct = jax.tree.map(flat, (rows, counted, saved, ct))
+    if lower is not None:
+        plan = lower(plan, members, counted)
+    out = work(kind, plan, members, rows, counted, arrays, saved, ct)
+    per = lambda x: x.reshape(shape + x.shape[1:])
+    grads = lambda gs: tuple(None if g is None else (per(g[0]),) + tuple(g[1:]) for g in gs)
+    if kind == "sums":
+        return out
+    if kind == "sums_grads":
+        return out[0], grads(out[1])
+    if kind == "backward":
+        return grads(out)
+    return jax.tree.map(per, out)
+
+
 def _rule(op: Op, mesh, operand_types, result_types):
-    """Shardy's rule: ``n`` and ``v`` may be split; every other factor is replicated."""
+    """Shardy's rule: the positions (``n0``, ``n1``...) and ``v`` may be split; nothing else."""
     del mesh, operand_types, result_types
     join = lambda roles: ", ".join(" ".join(r) for r in roles)
-    factors = {f for r in op.roles + op.results for f in r}
-    keep = tuple(sorted(factors - {"n", "v"}))
+    # Every factor but the positions' and the classes', in order of appearance.
+    factors = dict.fromkeys(f for r in op.roles + op.results for f in r)
+    keep = tuple(f for f in factors if f != "v" and not f.startswith("n"))
     return f"{join(op.roles)} -> {join(op.results)}", {"need_replication_factors": keep}
 
 
 def _run_flat(op: Op, *leaves):
     """The op on one device: :func:`~._loop.work` on the whole arrays."""
-    members, rows, counted, arrays, saved, ct = jax.tree.unflatten(op.tree, leaves)
-    return work(op.kind, op.plan, members, rows, counted, arrays, saved, ct)
+    return _flat_work(op.kind, op.plan, op.npos, *jax.tree.unflatten(op.tree, leaves))
 
 
 _op = custom_partitioning(_run_flat, static_argnums=(0,))
@@ -126,14 +154,15 @@ def _batched(op: Op):
 
 def _partition(op: Op, mesh, arg_shapes, result_shape):
     """Each device runs :func:`~._loop.work` on its positions and classes, then combines."""
-    hidden = next(x for x, r in zip(arg_shapes, op.roles, strict=True) if r[:1] == ("n",)
-                  and r[1:2] != ("v",))
+    hidden = next(x for x, r in zip(arg_shapes, op.roles, strict=True)
+                  if r[:1] == ("n0",) and r[-1].startswith("d"))
     kernel = next(x for x, r in zip(arg_shapes, op.roles, strict=True) if r[1:] == ("v",))
-    spec = lambda x, i: (tuple(x.sharding.spec) + (None, None))[i]
-    layout = fit(mesh, (spec(hidden, 0),), names(spec(kernel, 1)), hidden.shape[:1],
-                 kernel.shape[1])
+    spec = lambda x, i: (tuple(x.sharding.spec) + (None,) * x.ndim)[i]
+    layout = fit(mesh, tuple(spec(hidden, j) for j in range(op.npos)),
+                 names(spec(kernel, 1)), hidden.shape[:op.npos], kernel.shape[1])
     pos_axes, vocab_axes = axis_name(layout.position_axes), axis_name(layout.vocab)
-    factor = {"n": layout.positions[0], "v": vocab_axes}
+    factor = {f"n{j}": entry for j, entry in enumerate(layout.positions)}
+    factor["v"] = vocab_axes
     sharding = lambda roles: NamedSharding(mesh, P(*(factor.get(f) for f in roles)))
     arg_shardings = tuple(sharding(r) for r in op.roles)
     result_shardings = jax.tree.unflatten(
@@ -141,15 +170,15 @@ def _partition(op: Op, mesh, arg_shapes, result_shape):
     )
 
     def lower(*leaves):
-        members, rows, counted, arrays, saved, ct = jax.tree.unflatten(op.tree, leaves)
-        plan = _local_plan(op, members, counted, vocab_axes)
-        out = work(op.kind, plan, members, rows, counted, arrays, saved, ct)
+        local = lambda plan, members, counted: _local_plan(op, counted, vocab_axes)
+        out = _flat_work(op.kind, op.plan, op.npos, *jax.tree.unflatten(op.tree, leaves),
+                         lower=local)
         return _combine(op.kind, out, pos_axes, vocab_axes)
 
     return mesh, lower, result_shardings, arg_shardings
 
 
-def _local_plan(op: Op, members, counted, vocab_axes):
+def _local_plan(op: Op, counted, vocab_axes):
     """The plan for this device's block: its positions, its chunk, the vocabulary's axes."""
     n = counted.shape[0]
     sizes = set(op.chunk_sizes) - {None}
@@ -198,11 +227,13 @@ _op.def_partition(partition=_partition, sharding_rule=_rule)
 
 
 def _call(chunk_sizes, kind, plan, members, rows, counted, arrays, saved=None, ct=None):
+    """One op over positions ``counted.shape`` (any number of axes, each of which may be split)."""
     tree_args = (members, rows, counted, arrays, saved, ct)
     leaves, tree = jax.tree.flatten(tree_args)
-    roles = _roles(*tree_args)
-    shapes = jax.eval_shape(lambda: work(kind, plan, *tree_args))
-    op = Op(kind, plan, tree, roles, _result_roles(kind, members, shapes), chunk_sizes)
+    npos = counted.ndim
+    roles = _roles(npos, *tree_args)
+    shapes = jax.eval_shape(lambda: _flat_work(kind, plan, npos, *tree_args))
+    op = Op(kind, plan, tree, npos, roles, _result_roles(kind, npos, members, shapes), chunk_sizes)
     return _batched(op)(*leaves)
 
 

@@ -27,6 +27,7 @@ import math
 from typing import Any, NamedTuple
 
 import jax
+import jax.numpy as jnp
 from jax.sharding import AxisType, NamedSharding
 from jax.sharding import PartitionSpec as P
 
@@ -196,3 +197,60 @@ def run_explicit(local, core, logits, rows, counted, *, mode, options, trainable
     return jax.shard_map(
         per_device, mesh=layout.mesh, in_specs=in_specs, out_specs=out_specs
     )(*args)
+
+
+def shift_left(x, k: int, fill):
+    """``x[..., t + k]`` at ``t`` and ``fill`` at the last ``k`` positions, in ``x``'s layout.
+
+    Where the last axis is split over Explicit mesh axes (sequence
+    parallelism), each device takes its right neighbour's first ``k``
+    columns by one collective-permute: nothing is gathered. Elsewhere (one
+    device, Auto axes: XLA partitions the slice itself, also by a
+    collective-permute) it is a slice and a pad.
+    """
+    if k == 0:
+        return x
+    sharding = getattr(jax.typeof(x), "sharding", None)
+    mesh = getattr(sharding, "mesh", None)
+    if x.ndim == 0 or mesh is None or mesh.empty or AxisType.Explicit not in mesh.axis_types:
+        return _pad_shift(x, k, fill)
+    spec = _spec(x)
+    axes = names(spec[-1])
+    sizes = dict(zip(mesh.axis_names, mesh.axis_sizes, strict=True))
+    shards = math.prod(sizes[a] for a in axes)
+    block = x.shape[-1] // shards
+    if shards == 1 or k > block:
+        return _pad_shift(jax.sharding.reshard(x, NamedSharding(mesh, P(*spec[:-1], None))),
+                          k, fill)
+    axis = axis_name(axes)
+
+    def per_device(b):
+        # Device i sends its first k columns to device i - 1; the last gets none.
+        right = jax.lax.ppermute(b[..., :k], axis, [(i, i - 1) for i in range(1, shards)])
+        out = jnp.concatenate([b[..., k:], right], axis=-1)
+        tail = (jax.lax.axis_index(axis) == shards - 1) & (jnp.arange(block) >= block - k)
+        return jnp.where(tail, jnp.asarray(fill, x.dtype), out)
+
+    return jax.shard_map(per_device, mesh=mesh, in_specs=P(*spec), out_specs=P(*spec))(x)
+
+
+def _pad_shift(x, k: int, fill):
+    pad = [(0, 0)] * (x.ndim - 1) + [(0, min(k, x.shape[-1]))]
+    return jnp.pad(x[..., k:], pad, constant_values=fill)
+
+
+def whole_last_axis(x):
+    """``x`` with its last axis on every device where Explicit mesh axes split it (else as is).
+
+    For outputs trimmed to ``T − k`` positions, which a split axis cannot hold
+    evenly: a ``[..., T]`` vector of per-position values is gathered, never
+    logits or hidden states.
+    """
+    sharding = getattr(jax.typeof(x), "sharding", None)
+    mesh = getattr(sharding, "mesh", None)
+    if x.ndim == 0 or mesh is None or mesh.empty or AxisType.Explicit not in mesh.axis_types:
+        return x
+    spec = _spec(x)
+    if spec[-1] is None:
+        return x
+    return jax.sharding.reshard(x, NamedSharding(mesh, P(*spec[:-1], None)))
