@@ -1,8 +1,8 @@
 """``LinearLogits``: the logits ``hidden @ kernel + bias``, never materialised.
 
-The ground floor of the fused path: every token-level function accepts it in
-place of logits, and the engine (``jxent._engine``) is the one place that
-tells it from a dense array and runs it in chunks.
+Every token-level function accepts it in place of logits; the engine
+(``jxent._engine``) is the one place that tells it from a dense array and
+runs it in chunks.
 """
 
 from __future__ import annotations
@@ -148,17 +148,6 @@ class LinearLogits:
     def dtype(self):
         """The dtype the logits are computed in (float32, or float64 under x64)."""
         return float_dtype(self.hidden.dtype, self.kernel.dtype)
-
-    def positions(self, index) -> LinearLogits:
-        """The same head on a subset of positions: ``index`` indexes ``hidden.shape[:-1]``.
-
-        ``logits.positions((..., slice(None, -1)))`` stands for ``logits[..., :-1, :]``.
-        """
-        index = index if isinstance(index, tuple) else (index,)
-        hidden = self.hidden[index + (slice(None),)]
-        return LinearLogits(
-            hidden, self.kernel, self.bias, chunk_size=self.chunk_size, precision=self.precision
-        )
 
     def __repr__(self) -> str:
         bias = "None" if self.bias is None else f"{tuple(self.bias.shape)}"
