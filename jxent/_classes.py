@@ -17,7 +17,7 @@ from jaxtyping import Array, ArrayLike, Bool, Float, Int
 
 from ._checks import as_integer_ids, boolean_mask, float_dtype, is_concrete
 from ._engine import run
-from ._options import temperature as parse_temperature
+from ._options import parse_temperature
 from ._positions import as_logits
 from ._vocab import ClassOps, shifted
 

@@ -24,9 +24,9 @@ from ._options import (
     distillation_options,
     is_static,
     parse_reduction,
+    parse_shift,
+    parse_topk_mode,
 )
-from ._options import shift as parse_shift
-from ._options import topk_mode as parse_topk_mode
 from ._positions import as_logits, token_targets
 from ._reduce import reduce, summed
 from ._topk import TopK, stored_rows, topk_core

@@ -11,8 +11,7 @@ import jax
 import jax.numpy as jnp
 
 from ._checks import float_dtype
-from ._options import chunk_size as parse_chunk_size
-from ._options import precision as parse_precision
+from ._options import parse_chunk_size, parse_precision
 
 __all__ = ["LinearLogits"]
 

@@ -167,7 +167,7 @@ def nonnegative_float(value: Any, name: str):
     )
 
 
-def softcap(value: Any) -> float | None:
+def parse_softcap(value: Any) -> float | None:
     if value is None:
         return None
     v = static_float(value, "logit_softcap", "None or a float > 0")
@@ -176,7 +176,7 @@ def softcap(value: Any) -> float | None:
     return v
 
 
-def temperature(value: Any) -> Any:
+def parse_temperature(value: Any) -> Any:
     """``temperature`` as a finite Python float > 0, or a traced scalar."""
     return float_option(
         value, "temperature", "a finite float > 0", lambda v: (0 < v) & (v < math.inf)
@@ -213,12 +213,12 @@ def static_int(value: Any, name: str, *, allow_none: bool = True) -> int | None:
 PRECISIONS = ("accurate", "balanced", "compact")
 
 
-def precision(value: Any) -> str:
+def parse_precision(value: Any) -> str:
     """``LinearLogits``' gradient precision policy (see its docstring)."""
     return check_option(value, "precision", PRECISIONS)
 
 
-def chunk_size(value: Any) -> int | None:
+def parse_chunk_size(value: Any) -> int | None:
     value = static_int(value, "chunk_size")
     if value is not None and value < 1:
         raise ValueError(f"chunk_size must be None or a positive int, got {value!r}")
@@ -238,7 +238,7 @@ class _Required:
 REQUIRED = _Required()
 
 
-def shift(value: Any, function: str) -> int:
+def parse_shift(value: Any, function: str) -> int:
     """``shift`` as an int ``k >= 0`` (``True`` = 1, ``False`` = 0); it must be given.
 
     A default would silently shift logits that the caller has already sliced.
@@ -272,7 +272,7 @@ def loss_options(*, ignore_index, label_smoothing, z_loss, logit_softcap) -> dic
         ignore_index=static_int(ignore_index, "ignore_index"),
         label_smoothing=fraction(label_smoothing, "label_smoothing"),
         z_loss=nonnegative_float(z_loss, "z_loss"),
-        logit_softcap=softcap(logit_softcap),
+        logit_softcap=parse_softcap(logit_softcap),
     )
 
 
@@ -286,7 +286,7 @@ class DistillationOptions(NamedTuple):
 
 
 def distillation_options(
-    divergence: Any, beta: Any, temperature_: Any, hard_weight: Any, has_targets: bool
+    divergence: Any, beta: Any, temperature: Any, hard_weight: Any, has_targets: bool
 ) -> DistillationOptions:
     """Validate the options of ``distillation_loss`` once, for the dense and fused paths.
 
@@ -312,9 +312,9 @@ def distillation_options(
             f"hard_weight={hard_weight!r} weights a cross-entropy on targets, but targets is "
             "None; pass targets= (integer token ids of the positions' shape) or hard_weight=0"
         )
-    return DistillationOptions(divergence, beta, temperature(temperature_), hard_weight)
+    return DistillationOptions(divergence, beta, parse_temperature(temperature), hard_weight)
 
 
-def topk_mode(value: Any) -> str:
+def parse_topk_mode(value: Any) -> str:
     """How a stored (``TopK``) teacher is compared: ``"tail"`` or ``"renormalize"``."""
     return check_option(value, "topk_mode", TOPK_MODES, hint={"renormalise": "renormalize"})

@@ -8,8 +8,7 @@ from typing import Any, NamedTuple
 import jax.numpy as jnp
 from jaxtyping import Array, ArrayLike, Bool, Float, Int
 
-from ._options import REQUIRED, check_base, loss_options, parse_normalize, to_base
-from ._options import shift as parse_shift
+from ._options import REQUIRED, check_base, loss_options, parse_normalize, parse_shift, to_base
 from ._positions import as_logits, token_targets
 from ._reduce import reduce, safe_divide
 from ._softmax import cross_entropy_terms

@@ -31,9 +31,7 @@ from jaxtyping import Array, ArrayLike, Bool, Float, Int
 from ._checks import float_dtype
 from ._engine import Rule, run
 from ._numerics import nonnegative
-from ._options import REQUIRED
-from ._options import shift as parse_shift
-from ._options import temperature as parse_temperature
+from ._options import REQUIRED, parse_shift, parse_temperature
 from ._positions import as_logits, position_args, token_targets
 from ._vocab import ClassOps, scaled, shifted
 

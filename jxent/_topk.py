@@ -30,8 +30,7 @@ from jaxtyping import ArrayLike, Float, Int
 
 from ._checks import as_integer_ids, float_dtype, is_concrete
 from ._numerics import nonnegative
-from ._options import is_static
-from ._options import temperature as parse_temperature
+from ._options import is_static, parse_temperature
 from ._vocab import ClassOps, hard_cross_entropy, scaled, shifted
 
 __all__ = ["TopK", "stored_rows", "topk_core", "bucket_divergence"]
