@@ -15,6 +15,11 @@ mean, each checked against one device (value and gradients, to 1e-5):
    the loss (``pmax``/``psum`` of per-token vectors) and a ``psum`` of the
    ``NLLStats`` over ``data`` gives the exact global mean.
 6. The same with the fused ``linear_cross_entropy``.
+7.-8. Sequence (context) parallelism: plain ``jit`` of the fused loss with the
+   sequence axis split (``hidden``, ``tokens`` and ``mask`` placed along ``T``
+   over a ``seq`` axis, the vocabulary over ``model``), Auto and Explicit
+   axes: the shifted targets cross the shard borders as one collective-permute
+   of a ``[B, 1]`` column each.
 
 For each, the collectives in the compiled program are listed: all-reduces of
 per-token vectors and of gradients, never an all-gather of the kernel, of the
@@ -82,6 +87,7 @@ def vocab_parallel_fused(hidden, kernel, tokens, mask):
 
 
 SPECS = (P("data"), P(None, "model"), P("data"), P("data"))  # hidden, kernel, tokens, mask
+SEQUENCE_SPECS = (P(None, "seq"), P(None, "model"), P(None, "seq"), P(None, "seq"))
 
 
 def main() -> int:
@@ -92,9 +98,12 @@ def main() -> int:
     # jax.make_mesh gives Explicit axes: inputs are placed before shard_map.
     mesh = jax.make_mesh((2, 4), ("data", "model"))
     auto_mesh = jax.make_mesh((2, 4), ("data", "model"), axis_types=(AxisType.Auto,) * 2)
+    seq_mesh = jax.make_mesh((2, 4), ("seq", "model"))
+    auto_seq_mesh = jax.make_mesh((2, 4), ("seq", "model"), axis_types=(AxisType.Auto,) * 2)
 
     def place(on, arrays):
-        return [jax.device_put(a, NamedSharding(on, s)) for a, s in zip(arrays, SPECS, strict=True)]
+        specs = SEQUENCE_SPECS if "seq" in on.axis_names else SPECS
+        return [jax.device_put(a, NamedSharding(on, s)) for a, s in zip(arrays, specs, strict=True)]
 
     paths = {
         "plain jit, dense logits (Auto axes)": (one_device, auto_mesh),
@@ -109,6 +118,8 @@ def main() -> int:
             jax.shard_map(vocab_parallel_fused, mesh=mesh, in_specs=SPECS, out_specs=P()),
             mesh,
         ),
+        "plain jit, LinearLogits, sequence split (Auto axes)": (one_device_fused, auto_seq_mesh),
+        "plain jit, LinearLogits, sequence split (Explicit axes)": (one_device_fused, seq_mesh),
     }
     print(f"one device: loss {float(want_value):.6f} nats/token")
     ok = True
