@@ -135,12 +135,14 @@ def _num_chunks(plan: Plan) -> int:
     return -(-plan.positions // plan.chunk) if plan.positions else 0
 
 
-def _output_init(plan: Plan, members, rows, counted, arrays, *, saved: bool = False):
-    """Zero ``[N]`` carries shaped like the core's per-position outputs (and saved vectors)."""
-    shapes = jax.eval_shape(lambda: chunk_step(plan, 0, members, rows, counted, arrays)[2:])
-    n = plan.positions
-    out = jax.tree.map(lambda s: jnp.zeros((n,) + s.shape[1:], s.dtype), shapes)
-    return out if saved else out[0]
+def output_shapes(plan: Plan, members, rows, counted, arrays):
+    """The shapes of one chunk's ``(outputs, saved)``: the one trace of the core outside a loop."""
+    return jax.eval_shape(lambda: chunk_step(plan, 0, members, rows, counted, arrays)[2:])
+
+
+def _zeros(plan: Plan, shapes):
+    """Zero ``[N]`` carries shaped like per-position values of the chunk ``shapes``."""
+    return jax.tree.map(lambda s: jnp.zeros((plan.positions,) + s.shape[1:], s.dtype), shapes)
 
 
 def forward(plan: Plan, members, rows, counted, arrays, *, saved: bool = False):
@@ -151,32 +153,32 @@ def forward(plan: Plan, members, rows, counted, arrays, *, saved: bool = False):
         values = tuple(values) if saved else values[0]
         return jax.tree.map(lambda o, v: write_rows(o, v, start, fresh), out, values)
 
-    init = _output_init(plan, members, rows, counted, arrays, saved=saved)
-    return loop(_num_chunks(plan), body, init)
+    shapes = output_shapes(plan, members, rows, counted, arrays)
+    return loop(_num_chunks(plan), body, _zeros(plan, shapes if saved else shapes[0]))
 
 
-def forward_backward(plan: Plan, members, rows, counted, arrays, ct):
-    """Per-position outputs and the gradients of ``Σ ct · outputs``, one chunk at a time."""
+def forward_backward(plan: Plan, members, rows, counted, arrays, ct, shapes=None):
+    """The gradients of ``Σ ct · outputs``, one chunk at a time; with the chunk's output
+    ``shapes`` (:func:`output_shapes`), the per-position outputs too: ``(outputs, grads)``."""
 
     def body(i, carry):
         out, grads = carry
         start, fresh, outputs, grads = chunk_step(
             plan, i, members, rows, counted, arrays, ct, grads
         )
-        out = jax.tree.map(lambda o, v: write_rows(o, v, start, fresh), out, outputs)
+        if out is not None:
+            out = jax.tree.map(lambda o, v: write_rows(o, v, start, fresh), out, outputs)
         return out, grads
 
-    init = (
-        _output_init(plan, members, rows, counted, arrays),
-        grad_init(plan, members),
-    )
-    return loop(_num_chunks(plan), body, init)
+    init = (None if shapes is None else _zeros(plan, shapes[0]), grad_init(plan, members))
+    out, grads = loop(_num_chunks(plan), body, init)
+    return grads if shapes is None else (out, grads)
 
 
 def backward(plan: Plan, members, rows, counted, arrays, saved, ct):
     """The gradients of ``Σ ct · outputs``: a :class:`Rule`'s pullback, or ``jax.vjp``."""
     if not isinstance(plan.core, Rule):
-        return forward_backward(plan, members, rows, counted, arrays, ct)[1]
+        return forward_backward(plan, members, rows, counted, arrays, ct)
 
     def body(i, grads):
         return pullback_step(plan, i, members, rows, counted, arrays, saved, ct, grads)
@@ -194,12 +196,12 @@ def sums(out, axes: int = 1):
 # --- the work of each custom_vjp rule, on this device's positions and classes -----------
 
 
-def total_ct(plan: Plan, members, rows, counted, arrays):
-    """The cotangents of ``Σ loss`` and zero for the auxiliary outputs (``mode="sum"``)."""
-    loss, aux = jax.eval_shape(lambda: _output_init(plan, members, rows, counted, arrays))
-    return [jnp.ones(loss.shape, loss.dtype)] + [
-        jnp.zeros(s.shape, s.dtype)
-        for s, f in zip(jax.tree.leaves(aux), float_leaves(aux), strict=True)
+def total_ct(plan: Plan, shapes):
+    """The cotangents of ``Σ loss`` and zero for the auxiliary outputs (``mode="sum"``),
+    for a core whose chunk outputs have ``shapes`` (:func:`output_shapes`)."""
+    loss, aux = _zeros(plan, shapes[0])
+    return [jnp.ones_like(loss)] + [
+        jnp.zeros_like(a) for a, f in zip(jax.tree.leaves(aux), float_leaves(aux), strict=True)
         if f
     ]
 
@@ -261,8 +263,10 @@ def _work(kind: str, plan: Plan, members, rows, counted, arrays, saved=None, ct=
     if kind == "sums":
         return sums(forward(plan, members, rows, counted, arrays))
     if kind == "sums_grads":
-        ct = total_ct(plan, members, rows, counted, arrays)
-        out, grads = forward_backward(plan, members, rows, counted, arrays, ct)
+        shapes = output_shapes(plan, members, rows, counted, arrays)
+        out, grads = forward_backward(
+            plan, members, rows, counted, arrays, total_ct(plan, shapes), shapes
+        )
         return sums(out), grads
     if kind == "forward":
         return forward(plan, members, rows, counted, arrays)

@@ -37,8 +37,12 @@ def loop(num: int, body, init):
     """``fori_loop(0, num, body, init)`` whose carries start with the body's mesh variance.
 
     Inside ``shard_map`` a carry that starts as invariant zeros but is updated
-    with shard-dependent values must be marked varying from the start.
+    with shard-dependent values must be marked varying from the start, which
+    takes one more trace of the body; outside it, none.
     """
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty or jax.sharding.AxisType.Manual not in mesh.axis_types:
+        return jax.lax.fori_loop(0, num, body, init)
     out = jax.eval_shape(lambda carry: body(0, carry), init)
     init = jax.tree.map(lambda z, o: make_varying(z, varying_axes(o)), init, out)
     return jax.lax.fori_loop(0, num, body, init)
