@@ -141,13 +141,73 @@ def check_probabilities(x: jax.Array, name: str) -> None:
             )
 
 
+def floating_array(x: Any, name: str, what: str = "a floating-point array") -> jax.Array:
+    """``x`` as a JAX array of a floating dtype (kept as it is); else a ``TypeError``."""
+    x = jnp.asarray(x)
+    if not jnp.issubdtype(x.dtype, jnp.floating):
+        raise TypeError(f"{name} must be {what}, got dtype {x.dtype}")
+    return x
+
+
 def float_logits(logits: Any, name: str) -> jax.Array:
     """``logits`` as a floating array with a class axis (dtype kept; cores upcast)."""
-    logits = jnp.asarray(logits)
-    if not jnp.issubdtype(logits.dtype, jnp.floating):
-        raise TypeError(
-            f"{name} must be a floating-point array of logits, got dtype {logits.dtype}"
-        )
+    logits = floating_array(logits, name, "a floating-point array of logits")
     if logits.ndim == 0:
         raise ValueError(f"{name} is a scalar; it needs a class axis (the last one)")
     return logits
+
+
+def integer_ids(ids: Any, name: str, owner: str, what: str = "class ids") -> jax.Array:
+    """``ids`` as an integer JAX array (see :func:`as_integer_ids`); ``owner`` opens the error."""
+    ids = as_integer_ids(ids, name)
+    if not jnp.issubdtype(ids.dtype, jnp.integer):
+        opening = f"{owner}: " if owner else ""
+        raise TypeError(
+            f"{opening}{name} must be integer {what}, got dtype {ids.dtype} with shape "
+            f"{ids.shape}; convert them with {name}.astype(jnp.int32)"
+        )
+    return ids
+
+
+def in_class_range(ids: jax.Array, num_classes: int) -> jax.Array:
+    """``0 <= ids < num_classes``, compared in the ids' own dtype (nothing wraps)."""
+    info = jnp.iinfo(ids.dtype)
+    ok = ids >= 0 if info.min < 0 else jnp.ones(ids.shape, bool)
+    if num_classes <= info.max:
+        ok = ok & (ids < jnp.asarray(num_classes, ids.dtype))
+    return ok
+
+
+def target_shape_error(targets, shape, axis: int, given_axis: int, positions) -> Exception:
+    """The most useful message for targets whose shape or dtype does not fit the logits."""
+    ndim = len(shape)
+    integer = jnp.issubdtype(targets.dtype, jnp.integer)
+    if integer and targets.shape == shape:
+        return ValueError(
+            f"targets is an integer array ({targets.dtype}) with the logits' shape {shape}: "
+            "probabilities (e.g. one-hot) need a floating dtype (targets.astype(jnp.float32)); "
+            f"class ids have shape {positions} (jnp.argmax(targets, axis={given_axis}))"
+        )
+    if integer and ndim >= 3 and axis == ndim - 1:
+        if targets.shape == shape[:1] + shape[2:]:
+            return ValueError(
+                f"targets has shape {targets.shape} and logits {shape}: this is PyTorch's "
+                "[N, C, d1, ...] layout with the classes on axis 1; pass axis=1 (with "
+                f"axis={given_axis} the targets would need shape {positions})"
+            )
+    if not integer and targets.shape == positions:
+        return TypeError(
+            f"targets has floating dtype {targets.dtype} and shape {targets.shape}, the shape "
+            "of class ids: class ids must be integers (targets.astype(jnp.int32)); "
+            f"probability targets would have the logits' shape {shape}"
+        )
+    if integer:
+        return ValueError(
+            f"targets has shape {targets.shape} but logits {shape} with axis={given_axis} "
+            f"expects {positions} (integer class indices), or {shape} (probabilities, "
+            "floating dtype)"
+        )
+    return ValueError(
+        f"targets has shape {targets.shape} but probability targets must have the logits' "
+        f"shape {shape}; integer class indices would have shape {positions}"
+    )

@@ -15,7 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 from jaxtyping import Array, ArrayLike, Bool, Float, Int
 
-from ._checks import as_integer_ids, boolean_mask, float_dtype, is_concrete
+from ._checks import boolean_mask, float_dtype, in_class_range, integer_ids, is_concrete
 from ._engine import run
 from ._options import parse_temperature
 from ._positions import as_logits
@@ -38,12 +38,7 @@ def _class_core(logits, index, counted, *, temperature, vocab_axis_name):
 
 def _ids(ids, positions: tuple, num_classes: int, check: bool):
     """``ids`` checked, broadcast to ``positions + (k,)``, int32; out of range: ``num_classes``."""
-    ids = as_integer_ids(ids, "ids")
-    if not jnp.issubdtype(ids.dtype, jnp.integer):
-        raise TypeError(
-            f"class_log_probs: ids must be integer class ids, got dtype {ids.dtype}; "
-            "convert them with ids.astype(jnp.int32)"
-        )
+    ids = integer_ids(ids, "ids", "class_log_probs")
     if ids.ndim == 1:
         ids = jnp.broadcast_to(ids, tuple(positions) + ids.shape)
     elif ids.shape[:-1] != tuple(positions):
@@ -53,10 +48,7 @@ def _ids(ids, positions: tuple, num_classes: int, check: bool):
         )
     if ids.shape[-1] == 0:
         raise ValueError(f"ids has shape {ids.shape}: k = 0 classes chosen")
-    info = jnp.iinfo(ids.dtype)
-    ok = (ids >= 0) if info.min < 0 else jnp.ones(ids.shape, bool)
-    if num_classes <= info.max:
-        ok = ok & (ids < jnp.asarray(num_classes, ids.dtype))
+    ok = in_class_range(ids, num_classes)
     if check and is_concrete(ids, ok) and not np.all(np.asarray(ok)):
         bad = ~np.asarray(ok)
         at = tuple(int(i) for i in np.argwhere(bad)[0])

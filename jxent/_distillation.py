@@ -28,7 +28,7 @@ from ._options import (
     parse_topk_mode,
 )
 from ._positions import as_logits, token_targets
-from ._reduce import reduce, summed
+from ._reduce import needs_sums, reduce
 from ._topk import TopK, stored_rows, topk_core
 from ._vocab import ClassOps, hard_cross_entropy, scaled, shifted
 
@@ -261,53 +261,49 @@ def distillation_loss(
         divergence, beta, temperature, hard_weight, has_targets=targets is not None
     )
     topk_mode = parse_topk_mode(topk_mode)  # checked for every teacher, used by a TopK
-    student = as_logits(student_logits, "student_logits")
+    student, positions = token_targets(
+        student_logits, targets, shift=k, where=where, ignore_index=ignore_index,
+        function="distillation_loss", vocab_axis_name=vocab_axis_name,
+        segment_ids=segment_ids, name="targets", logits_name="student_logits", sequence=False,
+    )
+    mode = "sum" if needs_sums(reduction) else "positions"
     if isinstance(teacher_logits, TopK):
-        return _stored_teacher(
-            student, teacher_logits, k, options, topk_mode, where, reduction,
-            targets, ignore_index, segment_ids, vocab_axis_name,
+        loss, weight = _against_stored(
+            student, teacher_logits, positions, options, topk_mode, mode, vocab_axis_name
         )
+    else:
+        loss, weight = run(
+            distillation_core, (student, _teacher(teacher_logits, student)), positions.targets,
+            positions.counted, mode=mode,
+            options=dict(options._asdict(), vocab_axis_name=vocab_axis_name),
+            trainable=(True, False), names=("student", "teacher"),
+        )
+    if reduction == "none":
+        loss = positions.trim(loss)
+    return reduce(loss, weight, reduction)
+
+
+def _teacher(teacher_logits, student):
+    """Dense or fused teacher logits, checked against the student's shape."""
     teacher = as_logits(teacher_logits, "teacher_logits")
     if tuple(teacher.shape) != tuple(student.shape):
         raise ValueError(
             f"teacher_logits has shape {tuple(teacher.shape)} but student_logits has shape "
             f"{tuple(student.shape)}; both are [..., V] over the same positions and vocabulary"
         )
-    positions = token_targets(
-        student, targets, shift=k, where=where, ignore_index=ignore_index,
-        function="distillation_loss", vocab_axis_name=vocab_axis_name,
-        segment_ids=segment_ids, name="targets", sequence=False,
-    )
-    loss, weight = run(
-        distillation_core, (student, teacher), positions.targets, positions.counted,
-        mode="sum" if summed(reduction) else "positions",
-        options=dict(options._asdict(), vocab_axis_name=vocab_axis_name),
-        trainable=(True, False),
-        names=("student", "teacher"),
-    )
-    if reduction == "none":
-        loss = positions.trim(loss)
-    return reduce(loss, weight, reduction)
+    return teacher
 
 
-def _stored_teacher(student, teacher: TopK, k, options, topk_mode, where, reduction, targets,
-                    ignore_index, segment_ids, vocab_axis_name):
-    """:func:`distillation_loss` with a :class:`TopK` teacher: its ids are per-position rows."""
-    positions = token_targets(
-        student, targets, shift=k, where=where, ignore_index=ignore_index,
-        function="distillation_loss", vocab_axis_name=vocab_axis_name,
-        segment_ids=segment_ids, name="targets", sequence=False,
-    )
+def _against_stored(student, teacher: TopK, positions, options, topk_mode, mode,
+                    vocab_axis_name):
+    """The engine step with a :class:`TopK` teacher: its ids are per-position rows."""
     num_classes = ClassOps(-1, vocab_axis_name, student.shape[-1]).num_classes
     index, log_probs, bad = stored_rows(
         teacher, student.shape[:-1], positions.counted, num_classes, vocab_axis_name is None
     )
-    loss, weight = run(
+    return run(
         topk_core, (student,), (index, log_probs, bad, positions.targets), positions.counted,
-        mode="sum" if summed(reduction) else "positions",
+        mode=mode,
         options=dict(options._asdict(), topk_mode=topk_mode, vocab_axis_name=vocab_axis_name),
         names=("student",),
     )
-    if reduction == "none":
-        loss = positions.trim(loss)
-    return reduce(loss, weight, reduction)

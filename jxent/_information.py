@@ -30,6 +30,7 @@ from ._checks import (
     check_probabilities,
     check_where,
     float_dtype,
+    floating_array,
 )
 from ._numerics import nonnegative
 from ._options import check_base, to_base
@@ -280,9 +281,7 @@ def _masked_log_softmax(logits: jax.Array, mask: jax.Array | None, axis: int):
 
 
 def _logits(x, name: str, dtype=None) -> jax.Array:
-    x = jnp.asarray(x)
-    if not jnp.issubdtype(x.dtype, jnp.floating):
-        raise TypeError(f"{name} must be a floating-point array of logits, got dtype {x.dtype}")
+    x = floating_array(x, name, "a floating-point array of logits")
     return x.astype(dtype or float_dtype(x.dtype))
 
 

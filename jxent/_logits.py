@@ -8,9 +8,8 @@ runs it in chunks.
 from __future__ import annotations
 
 import jax
-import jax.numpy as jnp
 
-from ._checks import float_dtype
+from ._checks import float_dtype, floating_array
 from ._options import parse_chunk_size, parse_precision
 
 __all__ = ["LinearLogits"]
@@ -96,10 +95,7 @@ class LinearLogits:
         self, hidden, kernel, bias=None, *, chunk_size: int | None = None,
         precision: str | None = None,
     ):
-        hidden, kernel = jnp.asarray(hidden), jnp.asarray(kernel)
-        for name, x in (("hidden", hidden), ("kernel", kernel)):
-            if not jnp.issubdtype(x.dtype, jnp.floating):
-                raise TypeError(f"{name} must be a floating-point array, got dtype {x.dtype}")
+        hidden, kernel = floating_array(hidden, "hidden"), floating_array(kernel, "kernel")
         if hidden.ndim == 0:
             raise ValueError("hidden is a scalar; expected [..., D] hidden states")
         if kernel.ndim != 2 or kernel.shape[0] != hidden.shape[-1]:
@@ -111,9 +107,7 @@ class LinearLogits:
         if kernel.shape[1] == 0:
             raise ValueError(f"kernel has shape {kernel.shape}: 0 classes")
         if bias is not None:
-            bias = jnp.asarray(bias)
-            if not jnp.issubdtype(bias.dtype, jnp.floating):
-                raise TypeError(f"bias must be a floating-point array, got dtype {bias.dtype}")
+            bias = floating_array(bias, "bias")
             if bias.shape != (kernel.shape[1],):
                 raise ValueError(
                     f"bias has shape {bias.shape} but kernel {kernel.shape} has "

@@ -266,10 +266,20 @@ def parse_shift(value: Any, function: str) -> int:
 # --------------------------------------------------------------------------- groups
 
 
-def loss_options(*, ignore_index, label_smoothing, z_loss, logit_softcap) -> dict:
-    """The options of every cross-entropy (dense and fused), validated once."""
-    return dict(
-        ignore_index=static_int(ignore_index, "ignore_index"),
+class LossOptions(NamedTuple):
+    """Validated options of every cross-entropy; the coefficients may be traced scalars."""
+
+    label_smoothing: Any
+    z_loss: Any
+    logit_softcap: float | None
+
+
+def loss_options(*, label_smoothing, z_loss, logit_softcap) -> LossOptions:
+    """The options of every cross-entropy (dense and fused), validated once.
+
+    ``ignore_index`` is the targets' (it becomes the mask): the positions step checks it.
+    """
+    return LossOptions(
         label_smoothing=fraction(label_smoothing, "label_smoothing"),
         z_loss=nonnegative_float(z_loss, "z_loss"),
         logit_softcap=parse_softcap(logit_softcap),

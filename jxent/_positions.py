@@ -27,7 +27,10 @@ from ._checks import (
     check_axis,
     float_dtype,
     float_logits,
+    in_class_range,
+    integer_ids,
     is_concrete,
+    target_shape_error,
 )
 from ._engine._sharding import shift_left, whole_last_axis
 from ._logits import LinearLogits
@@ -47,6 +50,8 @@ class Positions(NamedTuple):
       segments: int ``[P]`` the document id of each predicting position; or None.
       length: per-position outputs keep ``[..., :length]`` of the last
         position axis (``T − k`` for a shift of ``k``); None keeps all.
+      axis: the class axis, counted from the end (the same axis in a chunk ``[C, V]``).
+      class_weights: ``[V]`` real (this shard's ``[V / k]`` when sharded), or None.
     """
 
     targets: Any
@@ -54,6 +59,8 @@ class Positions(NamedTuple):
     weights: jax.Array | None = None
     segments: jax.Array | None = None
     length: int | None = None
+    axis: int = -1
+    class_weights: jax.Array | None = None
 
     def trim(self, out):
         """Per-position outputs (a pytree of ``[P]`` arrays) cut to the predicted positions."""
@@ -77,21 +84,21 @@ def as_logits(logits: Any, name: str = "logits"):
 # --------------------------------------------------------------------------- checks
 
 
-def _mask(where: Any, shape: tuple[int, ...], marks: str) -> jax.Array | None:
-    """A boolean mask of exactly ``shape`` (a loss mask marks whole positions)."""
+def _counted(where: Any, shape: tuple[int, ...], marks: str) -> jax.Array:
+    """``where`` checked as a boolean mask of exactly ``shape`` (a loss mask marks whole
+    positions); all True when it is None."""
     if where is None:
-        return None
+        return jnp.ones(shape, bool)
     where = boolean_mask(where)
     if where.shape != tuple(shape):
         raise ValueError(f"where has shape {where.shape} but {marks.format(tuple(shape))}")
     return where
 
 
-def class_weights(weights: Any, logits, axis: int, sharded: bool) -> jax.Array | None:
+def _class_weights(weights: Any, logits, num_local: int, sharded: bool) -> jax.Array | None:
     """``class_weights`` as a ``[V]`` real array (this shard's ``[V / k]`` when sharded)."""
     if weights is None:
         return None
-    num_local = logits.shape[axis]
     of = "kernel" if isinstance(logits, LinearLogits) else "logits"
     w = jnp.asarray(weights)
     if not (jnp.issubdtype(w.dtype, jnp.floating) or jnp.issubdtype(w.dtype, jnp.integer)):
@@ -103,17 +110,6 @@ def class_weights(weights: Any, logits, axis: int, sharded: bool) -> jax.Array |
             f"expected ({num_local},)"
         )
     return w
-
-
-def _integer_ids(ids: Any, name: str, function: str | None = None) -> jax.Array:
-    ids = as_integer_ids(ids, name)
-    if not jnp.issubdtype(ids.dtype, jnp.integer):
-        where = f"{function}: " if function else ""
-        raise TypeError(
-            f"{where}{name} must be integer token ids, got dtype {ids.dtype} with shape "
-            f"{ids.shape}; convert them with {name}.astype(jnp.int32)"
-        )
-    return ids
 
 
 def _class_index(targets, counted, num_classes: int, ignore_index, check: bool, name: str):
@@ -128,9 +124,7 @@ def _class_index(targets, counted, num_classes: int, ignore_index, check: bool, 
     info = jnp.iinfo(targets.dtype)
     if ignore_index is not None and info.min <= ignore_index <= info.max:
         counted = counted & (targets != jnp.asarray(ignore_index, targets.dtype))
-    in_range = targets >= 0 if info.min < 0 else jnp.ones(targets.shape, bool)
-    if num_classes <= info.max:
-        in_range = in_range & (targets < jnp.asarray(num_classes, targets.dtype))
+    in_range = in_class_range(targets, num_classes)
     if check and is_concrete(targets, counted):
         bad = np.asarray(counted) & ~np.asarray(in_range)
         if bad.any():
@@ -151,91 +145,45 @@ def _num_classes(num_local: int, vocab_axis_name) -> int:
     return ClassOps(-1, vocab_axis_name, num_local).num_classes
 
 
-# --------------------------------------------------------------------------- targets
+# --------------------------------------------------------------------------- classes
 
 
-def _target_shape_error(targets, shape, axis: int, given_axis: int, positions) -> Exception:
-    """The most useful message for targets whose shape or dtype does not fit the logits."""
-    ndim = len(shape)
-    integer = jnp.issubdtype(targets.dtype, jnp.integer)
-    if integer and targets.shape == shape:
-        return ValueError(
-            f"targets is an integer array ({targets.dtype}) with the logits' shape {shape}: "
-            "probabilities (e.g. one-hot) need a floating dtype (targets.astype(jnp.float32)); "
-            f"class ids have shape {positions} (jnp.argmax(targets, axis={given_axis}))"
-        )
-    if integer and ndim >= 3 and axis == ndim - 1:
-        if targets.shape == shape[:1] + shape[2:]:
-            return ValueError(
-                f"targets has shape {targets.shape} and logits {shape}: this is PyTorch's "
-                "[N, C, d1, ...] layout with the classes on axis 1; pass axis=1 (with "
-                f"axis={given_axis} the targets would need shape {positions})"
-            )
-    if not integer and targets.shape == positions:
-        return TypeError(
-            f"targets has floating dtype {targets.dtype} and shape {targets.shape}, the shape "
-            "of class ids: class ids must be integers (targets.astype(jnp.int32)); "
-            f"probability targets would have the logits' shape {shape}"
-        )
-    if integer:
-        return ValueError(
-            f"targets has shape {targets.shape} but logits {shape} with axis={given_axis} "
-            f"expects {positions} (integer class indices), or {shape} (probabilities, "
-            "floating dtype)"
-        )
-    return ValueError(
-        f"targets has shape {targets.shape} but probability targets must have the logits' "
-        f"shape {shape}; integer class indices would have shape {positions}"
-    )
-
-
-def class_targets(logits, targets, *, axis, where, ignore_index, vocab_axis_name):
-    """``softmax_cross_entropy``'s positions: ``(axis, Positions)`` for class targets.
-
-    ``axis`` comes back non-negative. Integer targets give a gather index;
-    floating targets (dense logits only) come back as the probabilities in
-    the computation's dtype.
-    """
-    ignore_index = static_int(ignore_index, "ignore_index")
-    targets = as_integer_ids(targets, "targets")
-    shape = tuple(logits.shape)
-    if isinstance(logits, LinearLogits):
-        if axis not in (-1, logits.ndim - 1):
-            raise ValueError(
-                "LinearLogits has its classes on the last axis; axis must be -1, "
-                f"got axis={axis}"
-            )
-        if not jnp.issubdtype(targets.dtype, jnp.integer):
-            raise TypeError(
-                f"targets must be integer class ids with LinearLogits, got dtype "
-                f"{targets.dtype}; probability targets would be the [tokens, vocab] array "
-                "that LinearLogits avoids"
-            )
-        if targets.shape != shape[:-1]:
-            raise ValueError(
-                f"targets has shape {targets.shape} but LinearLogits with hidden "
-                f"{tuple(logits.hidden.shape)} expects {shape[:-1]} (hidden.shape[:-1])"
-            )
-    given = axis
-    axis = check_axis(axis, len(shape))
-    if shape[axis] == 0:
+def _linear_targets(logits: LinearLogits, targets, axis) -> None:
+    """What :class:`LinearLogits` allows: classes last, integer targets of its positions."""
+    if axis not in (-1, logits.ndim - 1):
         raise ValueError(
-            f"logits has shape {shape}: 0 classes along axis={given}; a distribution "
+            f"LinearLogits has its classes on the last axis; axis must be -1, got axis={axis}"
+        )
+    if not jnp.issubdtype(targets.dtype, jnp.integer):
+        raise TypeError(
+            f"targets must be integer class ids with LinearLogits, got dtype "
+            f"{targets.dtype}; probability targets would be the [tokens, vocab] array "
+            "that LinearLogits avoids"
+        )
+    if targets.shape != logits.shape[:-1]:
+        raise ValueError(
+            f"targets has shape {targets.shape} but LinearLogits with hidden "
+            f"{tuple(logits.hidden.shape)} expects {logits.shape[:-1]} (hidden.shape[:-1])"
+        )
+
+
+def _class_axis(logits, targets, axis) -> int:
+    """The class axis, non-negative, checked against the logits: the one place it is."""
+    if isinstance(logits, LinearLogits):
+        _linear_targets(logits, targets, axis)
+    shape = tuple(logits.shape)
+    normal = check_axis(axis, len(shape))
+    if shape[normal] == 0:
+        raise ValueError(
+            f"logits has shape {shape}: 0 classes along axis={axis}; a distribution "
             "needs at least one class"
         )
-    positions = shape[:axis] + shape[axis + 1 :]
-    mask = _mask(
-        where, positions, "the targets' positions have shape {}; a loss mask marks whole positions"
-    )
-    if jnp.issubdtype(targets.dtype, jnp.integer):
-        if targets.shape != positions:
-            raise _target_shape_error(targets, shape, axis, given, positions)
-        counted = jnp.ones(positions, bool) if mask is None else mask
-        index, counted = _class_index(
-            targets, counted, _num_classes(shape[axis], vocab_axis_name), ignore_index,
-            vocab_axis_name is None, "targets",
-        )
-        return axis, Positions(index, counted)
+    return normal
+
+
+def _probabilities(targets, logits, ignore_index, axis: int, given_axis: int, positions):
+    """Floating targets checked (the logits' shape, no ``ignore_index``), in the core's dtype."""
+    shape = tuple(logits.shape)
     if not jnp.issubdtype(targets.dtype, jnp.floating):
         raise TypeError(
             "targets must be integer class indices or floating probabilities, got dtype "
@@ -247,17 +195,41 @@ def class_targets(logits, targets, *, axis, where, ignore_index, vocab_axis_name
             f"(floating dtype {targets.dtype}); use where= to mask positions"
         )
     if targets.shape != shape:
-        raise _target_shape_error(targets, shape, axis, given, positions)
-    counted = jnp.ones(positions, bool) if mask is None else mask
-    return axis, Positions(targets.astype(float_dtype(logits.dtype, targets.dtype)), counted)
+        raise target_shape_error(targets, shape, axis, given_axis, positions)
+    return targets.astype(float_dtype(logits.dtype, targets.dtype))
+
+
+def class_targets(logits, targets, *, axis, where, ignore_index, class_weights, vocab_axis_name):
+    """``softmax_cross_entropy``'s positions: ``(logits, Positions)`` for class targets.
+
+    Every array check of the call is here: the logits, the class ``axis``,
+    the targets (integer ids give a gather index; floating targets, dense
+    logits only, come back as probabilities in the computation's dtype),
+    ``where``, ``ignore_index`` and ``class_weights``.
+    """
+    ignore_index = static_int(ignore_index, "ignore_index")
+    logits = as_logits(logits)
+    targets = as_integer_ids(targets, "targets")
+    shape = tuple(logits.shape)
+    normal = _class_axis(logits, targets, axis)
+    positions = shape[:normal] + shape[normal + 1 :]
+    counted = _counted(
+        where, positions, "the targets' positions have shape {}; a loss mask marks whole positions"
+    )
+    if jnp.issubdtype(targets.dtype, jnp.integer):
+        if targets.shape != positions:
+            raise target_shape_error(targets, shape, normal, axis, positions)
+        index, counted = _class_index(
+            targets, counted, _num_classes(shape[normal], vocab_axis_name), ignore_index,
+            vocab_axis_name is None, "targets",
+        )
+    else:
+        index = _probabilities(targets, logits, ignore_index, normal, axis, positions)
+    weights = _class_weights(class_weights, logits, shape[normal], vocab_axis_name is not None)
+    return logits, Positions(index, counted, axis=normal - len(shape), class_weights=weights)
 
 
 # --------------------------------------------------------------------------- tokens
-
-
-def _shifted(x, k: int, fill):
-    """``x[..., t + k]`` at ``t``, and ``fill`` at the last ``k`` positions (in ``x``'s layout)."""
-    return shift_left(x, k, fill)
 
 
 def _position_array(x, shape, name: str, kind: str, function: str):
@@ -275,6 +247,35 @@ def _position_array(x, shape, name: str, kind: str, function: str):
     return x
 
 
+def _token_weights(weights, shape, function: str):
+    """``weights [..., T]`` checked: finite and ``>= 0`` (NaN under ``jit`` where not)."""
+    weights = _position_array(weights, shape, "weights", "floating", function)
+    if weights is None:
+        return None
+    requirement = "weights must be finite and >= 0"
+    if not is_concrete(weights):  # traced: an invalid weight makes its position's loss NaN
+        return nan_if_invalid(weights, jnp.isfinite(weights) & (weights >= 0), requirement)
+    w = np.asarray(weights)
+    bad = ~(np.isfinite(w) & (w >= 0))
+    if bad.any():
+        raise ValueError(f"{requirement}, got {float(w[bad][0])}")
+    return weights
+
+
+def _predicting(positions, shift: int, where, segment_ids):
+    """``(counted, length)`` before the targets: the shift, the checked ``where`` and the
+    documents applied."""
+    counted, length = jnp.ones(positions, bool), None
+    if shift:
+        length = max(positions[-1] - shift, 0)
+        counted = jnp.broadcast_to(jnp.arange(positions[-1]) < length, positions)
+    if where is not None:
+        counted = counted & shift_left(where, shift, False)
+    if segment_ids is not None:
+        counted = counted & (shift_left(segment_ids, shift, 0) == segment_ids)
+    return counted, length
+
+
 def token_targets(
     logits,
     tokens,
@@ -286,10 +287,13 @@ def token_targets(
     vocab_axis_name=None,
     segment_ids=None,
     weights=None,
+    class_weights=None,
     name: str = "tokens",
+    logits_name: str = "logits",
     sequence: bool = True,
-) -> Positions:
-    """The sequence functions' positions: ``logits [..., T, V]`` scored against ``tokens [..., T]``.
+):
+    """The token functions' positions: ``(logits, Positions)`` for ``logits [..., T, V]``
+    scored against ``tokens [..., T]``; every array check of the call is here.
 
     With a shift of ``k``, position ``t`` predicts ``tokens[..., t + k]`` and
     is counted when ``where`` and ``ignore_index`` count that target and,
@@ -301,6 +305,7 @@ def token_targets(
     position axes (none included) when there is no shift.
     """
     ignore_index = static_int(ignore_index, "ignore_index")
+    logits = as_logits(logits, logits_name)
     shape = tuple(logits.shape)
     if len(shape) < 2 and (sequence or shift):
         raise ValueError(
@@ -308,46 +313,33 @@ def token_targets(
         )
     positions = shape[:-1]
     if tokens is not None:
-        tokens = _integer_ids(tokens, name, function)
+        tokens = integer_ids(tokens, name, function, "token ids")
         if tokens.shape != positions:
             raise ValueError(
                 f"{name} has shape {tokens.shape} but logits {shape} expects {positions} "
                 "([..., T] for logits [..., T, V])"
             )
-    mask = _mask(
-        where, positions, "tokens has shape {}; the loss mask marks token positions [..., T]"
-    )
+    if where is not None:
+        where = _counted(
+            where, positions, "tokens has shape {}; the loss mask marks token positions [..., T]"
+        )
     segment_ids = _position_array(segment_ids, positions, "segment_ids", "integer", function)
-    weights = _position_array(weights, positions, "weights", "floating", function)
-    if weights is not None:
-        requirement = "weights must be finite and >= 0"
-        if is_concrete(weights):
-            w = np.asarray(weights)
-            bad = ~(np.isfinite(w) & (w >= 0))
-            if bad.any():
-                raise ValueError(f"{requirement}, got {float(w[bad][0])}")
-        else:  # traced: an invalid weight makes its (counted) position's loss NaN
-            ok = jnp.isfinite(weights) & (weights >= 0)
-            weights = nan_if_invalid(weights, ok, requirement)
-    counted = jnp.ones(positions, bool)
-    length = None
-    if shift:
-        length = max(positions[-1] - shift, 0)
-        counted = jnp.broadcast_to(jnp.arange(positions[-1]) < length, positions)
-    if mask is not None:
-        counted = counted & _shifted(mask, shift, False)
-    if segment_ids is not None:
-        counted = counted & (_shifted(segment_ids, shift, 0) == segment_ids)
+    weights = _token_weights(weights, positions, function)
+    counted, length = _predicting(positions, shift, where, segment_ids)
     index = None
     if tokens is not None:
         index, counted = _class_index(
-            _shifted(tokens, shift, 0), counted, _num_classes(shape[-1], vocab_axis_name),
+            shift_left(tokens, shift, 0), counted, _num_classes(shape[-1], vocab_axis_name),
             ignore_index, vocab_axis_name is None, name,
         )
     if weights is not None:
         dtype = float_dtype(logits.dtype, weights.dtype)
-        weights = jnp.where(counted, _shifted(weights, shift, 0).astype(dtype), 0)
-    return Positions(index, counted, weights, segment_ids, length)
+        weights = jnp.where(counted, shift_left(weights, shift, 0).astype(dtype), 0)
+    class_weights = _class_weights(
+        class_weights, logits, shape[-1], vocab_axis_name is not None
+    )
+    return logits, Positions(index, counted, weights, segment_ids, length,
+                             class_weights=class_weights)
 
 
 def position_args(args: tuple, positions: Positions, shift: int):

@@ -23,13 +23,13 @@ def safe_divide(total: jax.Array, count: jax.Array) -> jax.Array:
     return jnp.where(nonzero, total / jnp.where(nonzero, count, 1), 0)
 
 
-def summed(how: str) -> bool:
+def needs_sums(how: str) -> bool:
     """Whether ``how`` needs only the sums of ``loss`` and ``weight`` (the engine's sum mode)."""
     return how in ("mean", "tokens", "sum")
 
 
 def reduce(loss: jax.Array, weight: jax.Array, how: str, segments=None) -> jax.Array:
-    """Reduce per-position (or, when :func:`summed`, already summed) losses and weights.
+    """Reduce per-position (or, when :func:`needs_sums`, already summed) losses and weights.
 
     ``how``: ``"mean"``/``"tokens"`` = Σ loss / Σ weight (the global mean),
     ``"sum"`` = Σ loss, ``"none"`` = ``loss``, ``"sequences"`` = each

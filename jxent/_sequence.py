@@ -9,7 +9,7 @@ import jax.numpy as jnp
 from jaxtyping import Array, ArrayLike, Bool, Float, Int
 
 from ._options import REQUIRED, check_base, loss_options, parse_normalize, parse_shift, to_base
-from ._positions import as_logits, token_targets
+from ._positions import token_targets
 from ._reduce import reduce, safe_divide
 from ._softmax import cross_entropy_terms
 
@@ -106,18 +106,20 @@ def perplexity(mean_nll: Float[ArrayLike, "*shape"] | NLLStats) -> Float[Array, 
 
 def _token_losses(function, logits, tokens, shift, *, how, where, ignore_index, segment_ids,
                   weights, class_weights, vocab_axis_name, **coefficients):
-    """Options, positions, engine: ``(loss, weight)`` per position or summed, and the positions."""
+    """``sequence_nll``'s and ``nll_stats``' first three steps: options, positions, engine.
+
+    Returns ``(loss, weight)`` per position, or summed when ``how`` needs only
+    sums, and the positions.
+    """
     k = parse_shift(shift, function)
-    options = loss_options(ignore_index=ignore_index, **coefficients)
-    logits = as_logits(logits)
-    positions = token_targets(
-        logits, tokens, shift=k, where=where, ignore_index=options["ignore_index"],
-        function=function, vocab_axis_name=vocab_axis_name, segment_ids=segment_ids,
-        weights=weights,
+    options = loss_options(**coefficients)
+    logits, positions = token_targets(
+        logits, tokens, shift=k, where=where, ignore_index=ignore_index, function=function,
+        vocab_axis_name=vocab_axis_name, segment_ids=segment_ids, weights=weights,
+        class_weights=class_weights,
     )
     loss, weight = cross_entropy_terms(
-        logits, positions, how=how, class_weights=class_weights,
-        vocab_axis_name=vocab_axis_name, **options,
+        logits, positions, options, how=how, vocab_axis_name=vocab_axis_name
     )
     return loss, weight, positions
 
@@ -256,8 +258,9 @@ def sequence_nll(
     loss, weight, positions = _token_losses(
         "sequence_nll", logits, tokens, shift, how=normalize, where=where,
         ignore_index=ignore_index, segment_ids=segment_ids, weights=weights,
-        class_weights=class_weights, vocab_axis_name=vocab_axis_name,
-        label_smoothing=label_smoothing, z_loss=z_loss, logit_softcap=logit_softcap,
+        class_weights=class_weights,
+        vocab_axis_name=vocab_axis_name, label_smoothing=label_smoothing, z_loss=z_loss,
+        logit_softcap=logit_softcap,
     )
     if normalize == "none":
         loss = positions.trim(loss)

@@ -8,16 +8,17 @@ alike; :func:`cross_entropy_terms` runs it through the engine.
 
 from __future__ import annotations
 
+from typing import Any, NamedTuple
+
 import jax
 import jax.numpy as jnp
 from jaxtyping import Array, ArrayLike, Bool, Float, Int
 
 from ._checks import float_dtype
 from ._engine import run
-from ._options import is_static, loss_options, parse_reduction
-from ._positions import Positions, as_logits, class_targets
-from ._positions import class_weights as check_weights
-from ._reduce import reduce, summed
+from ._options import LossOptions, is_static, loss_options, parse_reduction
+from ._positions import Positions, class_targets
+from ._reduce import needs_sums, reduce
 from ._vocab import ClassOps, class_weight_vector, take_weight
 
 __all__ = ["softmax_cross_entropy"]
@@ -57,9 +58,6 @@ def cross_entropy_core(
     x = logits.astype(dtype)
     axis = axis % x.ndim
     ops = ClassOps(axis, vocab_axis_name, logits.shape[axis])
-    num_classes = ops.num_classes
-    weights = class_weights
-    smoothing = not is_static(label_smoothing, 0.0)
 
     # Double where: uncounted positions get logits 0 before any arithmetic,
     # so NaN/inf there reach neither the value nor the gradient. Reductions
@@ -71,66 +69,96 @@ def cross_entropy_core(
         safe = logit_softcap * jnp.tanh(safe / logit_softcap)
         x = safe
     top = ops.max(x, keep)
-    top_vec = jnp.squeeze(top, axis)
     # log Σ_c exp(x_c − top), in [0, log C]: everything below stays shifted.
     log_sum = jnp.log(ops.sum(jnp.exp(safe - top)))
-
-    if jnp.issubdtype(targets.dtype, jnp.floating):
-        y = jnp.where(keep, targets.astype(dtype), 0)
-        if smoothing:
-            y = (1.0 - label_smoothing) * y + label_smoothing / num_classes
-        if weights is not None:
-            y = y * class_weight_vector(weights, dtype, axis, x.ndim)
-        # Σ_c y_c (−log p_c). The one undefined product is 0 · (+inf) (target 0
-        # at a −inf logit): it is 0. Gating on exactly that keeps ∂/∂y (and
-        # ∂/∂class_weights) = −log p_c wherever −log p_c is finite, y = 0 included.
-        neg_log_p = (top - safe) + jnp.expand_dims(log_sum, axis)
-        defined = (y != 0) | (safe != -jnp.inf)
-        terms = jnp.where(defined, y * jnp.where(defined, neg_log_p, 0), 0)
-        loss = ops.sum(terms)
-        weight = counted.astype(dtype)
-    else:
-        index = targets
-        # (top − x_t) + log Σ exp(x − top): no cancellation at large logits.
-        target_logit = ops.take(x, index, fill=jnp.nan)
-        nll = jnp.where(counted, top_vec - target_logit, 0) + log_sum
-        if weights is None:
-            loss = nll
-            weight = counted.astype(dtype)
-        else:
-            w_target = take_weight(weights, index, ops, dtype)
-            loss = w_target * nll
-            weight = jnp.where(counted, w_target, 0)
-        if smoothing:
-            # Σ_c w_c (−log p_c) = log_sum · W + Σ_c w_c (top − x_c), W = Σ_c w_c,
-            # with Σ_c w_c (top − x_c) = W (top − r) − Σ_c w_c (x_c − r) for a
-            # reference r = x_t (the target logit, gathered before any pass, so
-            # the sum is one reduction fused with the max's pass over the raw
-            # logits; shifting by top would cost another pass). Nothing large
-            # cancels: |top − r| also appears in the loss as w_t (top − x_t).
-            ref = jnp.where(jnp.isfinite(target_logit), target_logit, top_vec)
-            ref = jax.lax.stop_gradient(ref)  # r cancels: only its value matters
-            if weights is None:
-                total_w = float(num_classes)
-                gap = total_w * (top_vec - ref) - ops.sum(x - jnp.expand_dims(ref, axis))
-            else:
-                w = weights.astype(dtype)
-                total_w = ops.sum_classes(w)
-                ref, part = _weighted_logits(x, w, ref, counted, top_vec, keep, ops, axis)
-                gap = total_w * (top_vec - ref) - ops.sum_tokens(part)
-            gap = jnp.where(counted, gap, 0)
-            smooth = (log_sum * total_w + gap) / num_classes
-            loss = (1.0 - label_smoothing) * loss + label_smoothing * smooth
-        # An out-of-range target under jit: NaN value (from the gather) and a
-        # NaN gradient too, so value_and_grad never trains on a dropped target.
-        loss = loss * jnp.where(counted & (index >= num_classes), jnp.nan, 1.0).astype(dtype)
-
+    centred = _Centred(x, safe, top, log_sum, keep, counted, ops, dtype)
+    floating = jnp.issubdtype(targets.dtype, jnp.floating)
+    terms = _probability_terms if floating else _index_terms
+    loss, weight = terms(centred, targets, class_weights, label_smoothing)
     if not is_static(z_loss, 0.0):
-        loss = loss + z_loss * jnp.square(log_sum + top_vec)
+        loss = loss + z_loss * jnp.square(log_sum + jnp.squeeze(top, axis))
     loss = jnp.where(counted, loss, 0)
     if token_weights is not None:
         loss, weight = loss * token_weights, weight * token_weights
     return loss, weight
+
+
+class _Centred(NamedTuple):
+    """One position's logits relative to their maximum, and what the terms read of them."""
+
+    x: jax.Array  # the logits (soft-capped), in ``dtype``
+    safe: jax.Array  # the same, 0 where not counted
+    top: jax.Array  # the per-position maximum (keepdims, no gradient)
+    log_sum: jax.Array  # log Σ_c exp(x_c − top)
+    keep: jax.Array
+    counted: jax.Array
+    ops: ClassOps
+    dtype: Any
+
+
+def _probability_terms(c: _Centred, targets, weights, label_smoothing):
+    """``(Σ_c y_c (−log p_c), count)`` for probability targets ``y``."""
+    axis, ops = c.ops.axis, c.ops
+    y = jnp.where(c.keep, targets.astype(c.dtype), 0)
+    if not is_static(label_smoothing, 0.0):
+        y = (1.0 - label_smoothing) * y + label_smoothing / ops.num_classes
+    if weights is not None:
+        y = y * class_weight_vector(weights, c.dtype, axis, c.x.ndim)
+    # Σ_c y_c (−log p_c). The one undefined product is 0 · (+inf) (target 0
+    # at a −inf logit): it is 0. Gating on exactly that keeps ∂/∂y (and
+    # ∂/∂class_weights) = −log p_c wherever −log p_c is finite, y = 0 included.
+    neg_log_p = (c.top - c.safe) + jnp.expand_dims(c.log_sum, axis)
+    defined = (y != 0) | (c.safe != -jnp.inf)
+    terms = jnp.where(defined, y * jnp.where(defined, neg_log_p, 0), 0)
+    return ops.sum(terms), c.counted.astype(c.dtype)
+
+
+def _index_terms(c: _Centred, index, weights, label_smoothing):
+    """``(w_t · nll, w_t)`` for class ids, label smoothing mixed in."""
+    ops, counted, dtype = c.ops, c.counted, c.dtype
+    top_vec = jnp.squeeze(c.top, ops.axis)
+    # (top − x_t) + log Σ exp(x − top): no cancellation at large logits.
+    target_logit = ops.take(c.x, index, fill=jnp.nan)
+    nll = jnp.where(counted, top_vec - target_logit, 0) + c.log_sum
+    if weights is None:
+        loss = nll
+        weight = counted.astype(dtype)
+    else:
+        w_target = take_weight(weights, index, ops, dtype)
+        loss = w_target * nll
+        weight = jnp.where(counted, w_target, 0)
+    if not is_static(label_smoothing, 0.0):
+        smooth = _smoothing(c, target_logit, top_vec, weights)
+        loss = (1.0 - label_smoothing) * loss + label_smoothing * smooth
+    # An out-of-range target under jit: NaN value (from the gather) and a
+    # NaN gradient too, so value_and_grad never trains on a dropped target.
+    loss = loss * jnp.where(counted & (index >= ops.num_classes), jnp.nan, 1.0).astype(dtype)
+    return loss, weight
+
+
+def _smoothing(c: _Centred, target_logit, top_vec, weights):
+    """``Σ_c w_c (−log p_c) / C`` per position, without cancellation.
+
+    ``Σ_c w_c (−log p_c) = log_sum · W + Σ_c w_c (top − x_c)``, ``W = Σ_c w_c``,
+    with ``Σ_c w_c (top − x_c) = W (top − r) − Σ_c w_c (x_c − r)`` for a
+    reference ``r = x_t`` (the target logit, gathered before any pass, so the
+    sum is one reduction fused with the max's pass over the raw logits;
+    shifting by top would cost another pass). Nothing large cancels:
+    ``|top − r|`` also appears in the loss as ``w_t (top − x_t)``.
+    """
+    ops, axis, x = c.ops, c.ops.axis, c.x
+    ref = jnp.where(jnp.isfinite(target_logit), target_logit, top_vec)
+    ref = jax.lax.stop_gradient(ref)  # r cancels: only its value matters
+    if weights is None:
+        total_w = float(ops.num_classes)
+        gap = total_w * (top_vec - ref) - ops.sum(x - jnp.expand_dims(ref, axis))
+    else:
+        w = weights.astype(c.dtype)
+        total_w = ops.sum_classes(w)
+        ref, part = _weighted_logits(x, w, ref, c.counted, top_vec, c.keep, ops, axis)
+        gap = total_w * (top_vec - ref) - ops.sum_tokens(part)
+    gap = jnp.where(c.counted, gap, 0)
+    return (c.log_sum * total_w + gap) / ops.num_classes
 
 
 def _weighted_logits(x, w, ref, counted, top_vec, keep, ops, axis):
@@ -152,26 +180,19 @@ def _weighted_logits(x, w, ref, counted, top_vec, keep, ops, axis):
     )
 
 
-def cross_entropy_terms(
-    logits, positions: Positions, *, how: str, axis: int = -1, class_weights=None,
-    vocab_axis_name=None, **options,
-):
-    """``(loss, weight)`` per position, or their sums when ``how`` needs only sums.
-
-    ``options`` are those of :func:`~._options.loss_options` (``ignore_index``
-    is already applied to ``positions``).
-    """
-    options.pop("ignore_index", None)
-    axis = axis % logits.ndim - logits.ndim  # negative: the same axis in a chunk [C, V]
-    weights = check_weights(class_weights, logits, axis, vocab_axis_name is not None)
+def cross_entropy_terms(logits, positions: Positions, options: LossOptions, *, how: str,
+                        vocab_axis_name=None):
+    """The engine step of every cross-entropy: ``(loss, weight)`` per position, or their
+    sums when ``how`` needs only sums (:func:`~._reduce.needs_sums`)."""
     return run(
         cross_entropy_core,
         (logits,),
         (positions.targets, positions.weights),
         positions.counted,
-        mode="sum" if summed(how) else "positions",
+        mode="sum" if needs_sums(how) else "positions",
         options=dict(
-            options, axis=axis, class_weights=weights, vocab_axis_name=vocab_axis_name
+            options._asdict(), axis=positions.axis, class_weights=positions.class_weights,
+            vocab_axis_name=vocab_axis_name,
         ),
     )
 
@@ -276,16 +297,13 @@ def softmax_cross_entropy(
     """
     reduction = parse_reduction(reduction)
     options = loss_options(
-        ignore_index=ignore_index, label_smoothing=label_smoothing, z_loss=z_loss,
-        logit_softcap=logit_softcap,
+        label_smoothing=label_smoothing, z_loss=z_loss, logit_softcap=logit_softcap
     )
-    logits = as_logits(logits)
-    axis, positions = class_targets(
-        logits, targets, axis=axis, where=where, ignore_index=options["ignore_index"],
-        vocab_axis_name=vocab_axis_name,
+    logits, positions = class_targets(
+        logits, targets, axis=axis, where=where, ignore_index=ignore_index,
+        class_weights=class_weights, vocab_axis_name=vocab_axis_name,
     )
     loss, weight = cross_entropy_terms(
-        logits, positions, how=reduction, axis=axis, class_weights=class_weights,
-        vocab_axis_name=vocab_axis_name, **options,
+        logits, positions, options, how=reduction, vocab_axis_name=vocab_axis_name
     )
     return reduce(loss, weight, reduction)

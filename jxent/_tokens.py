@@ -32,7 +32,7 @@ from ._checks import float_dtype
 from ._engine import Rule, run
 from ._numerics import nonnegative
 from ._options import REQUIRED, parse_shift, parse_temperature
-from ._positions import as_logits, position_args, token_targets
+from ._positions import position_args, token_targets
 from ._vocab import ClassOps, scaled, shifted
 
 __all__ = ["token_objective", "token_stats", "TokenStats"]
@@ -137,17 +137,6 @@ def _objective_core(logits, rows, counted, *, fn, temperature, vocab_axis_name):
 # --------------------------------------------------------------------------- public
 
 
-def _prepare(function, logits, tokens, shift, where, ignore_index, segment_ids,
-             vocab_axis_name):
-    k = parse_shift(shift, function)
-    logits = as_logits(logits)
-    positions = token_targets(
-        logits, tokens, shift=k, where=where, ignore_index=ignore_index, function=function,
-        vocab_axis_name=vocab_axis_name, segment_ids=segment_ids,
-    )
-    return k, logits, positions
-
-
 def token_stats(
     logits: Float[ArrayLike, "*batch T V"],
     tokens: Int[ArrayLike, "*batch T"],
@@ -230,8 +219,10 @@ def token_stats(
       Array([[0, 0]], dtype=int32)
     """
     temperature = parse_temperature(temperature)
-    _, logits, positions = _prepare(
-        "token_stats", logits, tokens, shift, where, ignore_index, segment_ids, vocab_axis_name
+    k = parse_shift(shift, "token_stats")
+    logits, positions = token_targets(
+        logits, tokens, shift=k, where=where, ignore_index=ignore_index, function="token_stats",
+        vocab_axis_name=vocab_axis_name, segment_ids=segment_ids,
     )
     out = run(
         _stats_core, (logits,), positions.targets, positions.counted, mode="positions",
@@ -313,9 +304,10 @@ def token_objective(
     if not isinstance(args, tuple):
         raise TypeError(f"args must be a tuple of arrays, got {type(args).__name__}")
     temperature = parse_temperature(temperature)
-    k, logits, positions = _prepare(
-        "token_objective", logits, tokens, shift, where, ignore_index, segment_ids,
-        vocab_axis_name,
+    k = parse_shift(shift, "token_objective")
+    logits, positions = token_targets(
+        logits, tokens, shift=k, where=where, ignore_index=ignore_index,
+        function="token_objective", vocab_axis_name=vocab_axis_name, segment_ids=segment_ids,
     )
     args = position_args(args, positions, k)
     _check_objective(fn, positions.trim(positions.counted).shape, float_dtype(logits.dtype), args)

@@ -28,7 +28,7 @@ import jax.numpy as jnp
 import numpy as np
 from jaxtyping import ArrayLike, Float, Int
 
-from ._checks import as_integer_ids, float_dtype, is_concrete
+from ._checks import float_dtype, floating_array, in_class_range, integer_ids, is_concrete
 from ._numerics import nonnegative
 from ._options import is_static, parse_temperature
 from ._vocab import ClassOps, hard_cross_entropy, scaled, shifted
@@ -67,15 +67,8 @@ class TopK:
     """
 
     def __init__(self, ids: Int[ArrayLike, "*batch k"], log_probs: Float[ArrayLike, "*batch k"]):
-        ids = as_integer_ids(ids, "ids")
-        log_probs = jnp.asarray(log_probs)
-        if not jnp.issubdtype(ids.dtype, jnp.integer):
-            raise TypeError(
-                f"TopK: ids must be integer class ids, got dtype {ids.dtype}; "
-                "convert them with ids.astype(jnp.int32)"
-            )
-        if not jnp.issubdtype(log_probs.dtype, jnp.floating):
-            raise TypeError(f"TopK: log_probs must be floating, got dtype {log_probs.dtype}")
+        ids = integer_ids(ids, "ids", "TopK")
+        log_probs = floating_array(log_probs, "TopK: log_probs", "floating")
         if ids.shape != log_probs.shape or ids.ndim == 0 or ids.shape[-1] == 0:
             raise ValueError(
                 f"TopK: ids has shape {ids.shape} and log_probs {log_probs.shape}; both must "
@@ -154,10 +147,7 @@ def stored_rows(teacher: TopK, positions: tuple, counted, num_classes: int, chec
         )
     ids, log_probs = teacher.ids, jax.lax.stop_gradient(teacher.log_probs)
     finite = log_probs != -jnp.inf  # NaN is an entry (it propagates), −inf is padding
-    info = jnp.iinfo(ids.dtype)
-    in_range = (ids >= 0) if info.min < 0 else jnp.ones(ids.shape, bool)
-    if num_classes <= info.max:
-        in_range = in_range & (ids < jnp.asarray(num_classes, ids.dtype))
+    in_range = in_class_range(ids, num_classes)
     valid = finite & in_range
     safe = jnp.where(valid, ids, 0).astype(jnp.int32)
     index = jnp.where(finite & ~in_range, jnp.int32(num_classes), safe)
