@@ -266,15 +266,15 @@ def distillation_loss(
         function="distillation_loss", vocab_axis_name=vocab_axis_name,
         segment_ids=segment_ids, name="targets", logits_name="student_logits", sequence=False,
     )
+    teacher = _teacher(teacher_logits, student)
     mode = "sum" if needs_sums(reduction) else "positions"
-    if isinstance(teacher_logits, TopK):
+    if isinstance(teacher, TopK):
         loss, weight = _against_stored(
-            student, teacher_logits, positions, options, topk_mode, mode, vocab_axis_name
+            student, teacher, positions, options, topk_mode, mode, vocab_axis_name
         )
     else:
         loss, weight = run(
-            distillation_core, (student, _teacher(teacher_logits, student)), positions.targets,
-            positions.counted, mode=mode,
+            distillation_core, (student, teacher), positions.targets, positions.counted, mode=mode,
             options=dict(options._asdict(), vocab_axis_name=vocab_axis_name),
             trainable=(True, False), names=("student", "teacher"),
         )
@@ -284,7 +284,9 @@ def distillation_loss(
 
 
 def _teacher(teacher_logits, student):
-    """Dense or fused teacher logits, checked against the student's shape."""
+    """Dense or fused teacher logits checked against the student's shape; a TopK as it is."""
+    if isinstance(teacher_logits, TopK):
+        return teacher_logits  # checked against the positions by stored_rows
     teacher = as_logits(teacher_logits, "teacher_logits")
     if tuple(teacher.shape) != tuple(student.shape):
         raise ValueError(

@@ -33,7 +33,8 @@ from ._checks import (
     floating_array,
 )
 from ._numerics import nonnegative
-from ._options import check_base, to_base
+from ._options import check_base
+from ._reduce import to_base
 
 __all__ = [
     "information_content",

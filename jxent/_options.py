@@ -77,10 +77,6 @@ def check_base(base: Any) -> float | None:
     return math.log(base)
 
 
-def to_base(value: jax.Array, log_base: float | None) -> jax.Array:
-    return value if log_base is None else value / log_base
-
-
 def static_float(value: Any, name: str, expected: str) -> float:
     """``value`` as a Python float: options are static, never traced."""
     if isinstance(value, jax.core.Tracer):

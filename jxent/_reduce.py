@@ -23,6 +23,11 @@ def safe_divide(total: jax.Array, count: jax.Array) -> jax.Array:
     return jnp.where(nonzero, total / jnp.where(nonzero, count, 1), 0)
 
 
+def to_base(value: jax.Array, log_base: float | None) -> jax.Array:
+    """``value`` in nats converted to the base whose log is ``log_base`` (None: nats)."""
+    return value if log_base is None else value / log_base
+
+
 def needs_sums(how: str) -> bool:
     """Whether ``how`` needs only the sums of ``loss`` and ``weight`` (the engine's sum mode)."""
     return how in ("mean", "tokens", "sum")

@@ -8,9 +8,9 @@ from typing import Any, NamedTuple
 import jax.numpy as jnp
 from jaxtyping import Array, ArrayLike, Bool, Float, Int
 
-from ._options import REQUIRED, check_base, loss_options, parse_normalize, parse_shift, to_base
+from ._options import REQUIRED, check_base, loss_options, parse_normalize, parse_shift
 from ._positions import token_targets
-from ._reduce import reduce, safe_divide
+from ._reduce import reduce, safe_divide, to_base
 from ._softmax import cross_entropy_terms
 
 __all__ = ["sequence_nll", "nll_stats", "NLLStats", "perplexity"]

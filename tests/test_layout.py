@@ -3,10 +3,13 @@
 Every module at most 400 lines; no import cycle among jxent's modules; no
 private name imported across modules; the dense-or-fused choice
 (``isinstance(..., LinearLogits)``) made in at most two modules (the
-positions step, which validates, and the engine, which dispatches).
+positions step, which validates, and the engine, which dispatches); every
+public function on logits calls, in order, the options parsers, a positions
+builder, the engine's ``run`` and (the losses) ``reduce`` (README's structure).
 """
 
 import ast
+import itertools
 import pathlib
 
 PACKAGE = pathlib.Path(__file__).resolve().parents[1] / "jxent"
@@ -106,3 +109,80 @@ def test_the_dense_or_fused_choice_is_made_in_at_most_two_modules():
                 deciders.add(name)
     assert deciders <= {"jxent._positions", "jxent._engine"}, deciders
     assert len(deciders) <= 2
+
+
+# The public functions on logits, and whether their result passes through `reduce`.
+FOUR_STEPS = {
+    "jxent._softmax": {"softmax_cross_entropy": True},
+    "jxent._sequence": {"sequence_nll": True, "nll_stats": False},
+    "jxent._distillation": {"distillation_loss": True},
+    "jxent._tokens": {"token_stats": False, "token_objective": False},
+    "jxent._classes": {"class_log_probs": False},
+}
+# A step is a call of one of these (None: any function of that module).
+STEPS = {
+    "options": ("jxent._options", None), "positions": ("jxent._positions", None),
+    "engine": ("jxent._engine", "run"), "reduce": ("jxent._reduce", "reduce"),
+}
+
+
+def _functions(mods) -> dict:
+    """Every module-level function of the package by ``(module, name)``."""
+    return {
+        (name, node.name): node
+        for name, (_, tree) in mods.items()
+        for node in tree.body
+        if isinstance(node, ast.FunctionDef)
+    }
+
+
+def _origin(mods, module: str) -> dict:
+    """``{local name: defining module}`` for what ``module`` imports from the package."""
+    path, tree = mods[module]
+    out = {}
+    for target, names in imports(module, path, tree):
+        out.update({n: target for n in names})
+    return out
+
+
+def _steps(mods, functions, module: str, node, depth: int = 0) -> list[str]:
+    """The step of each call in ``node``'s body, in source order; a call to another
+    of the package's functions (not a step's) reads as the steps it takes."""
+    origin = _origin(mods, module)
+    steps = []
+    calls = sorted(
+        (n for n in ast.walk(node) if isinstance(n, ast.Call) and isinstance(n.func, ast.Name)),
+        key=lambda n: (n.lineno, n.col_offset),
+    )
+    for call in calls:
+        name = call.func.id
+        source = origin.get(name, module)
+        step = next(
+            (s for s, (m, f) in STEPS.items() if source == m and f in (None, name)), None
+        )
+        if step:
+            steps.append(step)
+        elif (source, name) in functions and depth < 3:
+            steps += _steps(mods, functions, source, functions[source, name], depth + 1)
+    return steps
+
+
+def test_every_public_function_on_logits_reads_as_four_steps():
+    """Options parsed (`_options`), positions built (`_positions`), the engine run, and
+    for the losses the result reduced (`_reduce`), in that order: README's structure."""
+    mods = modules()
+    functions = _functions(mods)
+    for module, names in FOUR_STEPS.items():
+        for name, reduced in names.items():
+            steps = _steps(mods, functions, module, functions[module, name])
+            wanted = ["options", "positions", "engine"] + (["reduce"] if reduced else [])
+            # Each step's calls all come before the next step's first.
+            assert [s for s in wanted if s in steps] == wanted, (name, steps)
+            spans = [[i for i, s in enumerate(steps) if s == w] for w in wanted]
+            assert all(a[-1] < b[0] for a, b in itertools.pairwise(spans)), (name, steps)
+            assert reduced == ("reduce" in steps), (name, steps)
+    public = __import__("jxent").__all__
+    listed = {n for names in FOUR_STEPS.values() for n in names}
+    on_logits = {n for n in public if n[0].islower() and n.endswith(("_stats", "_nll", "_loss",
+                                                                      "_objective", "_probs"))}
+    assert on_logits <= listed | {"linear_cross_entropy"}, on_logits - listed
