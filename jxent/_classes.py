@@ -19,7 +19,8 @@ from ._checks import boolean_mask, float_dtype, in_class_range, integer_ids, is_
 from ._engine import run
 from ._options import parse_temperature
 from ._positions import as_logits
-from ._vocab import ClassOps, shifted
+from ._rows import centred_logits
+from ._vocab import ClassOps
 
 __all__ = ["class_log_probs"]
 
@@ -30,7 +31,7 @@ def _class_core(logits, index, counted, *, temperature, vocab_axis_name):
     ops = ClassOps(x.ndim - 1, vocab_axis_name, x.shape[-1])
     dtype = float_dtype(x.dtype)
     keep = counted[..., None]
-    _, d, _, _ = shifted(x, keep, temperature, ops, dtype)
+    _, d, _, _ = centred_logits(x, keep, temperature, ops, dtype)
     log_total = jnp.log(ops.sum(jnp.exp(d)))
     out = ops.gather(d, index, fill=jnp.nan) - log_total[..., None]
     return jnp.where(keep, out, 0)

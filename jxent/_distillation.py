@@ -29,8 +29,9 @@ from ._options import (
 )
 from ._positions import as_logits, token_targets
 from ._reduce import needs_sums, reduce
+from ._rows import centred_logits, hard_cross_entropy, kl_row, scaled
 from ._topk import TopK, stored_rows, topk_core
-from ._vocab import ClassOps, hard_cross_entropy, scaled, shifted
+from ._vocab import ClassOps
 
 __all__ = ["distillation_loss"]
 
@@ -57,9 +58,9 @@ def _divergence(student, teacher, keep, divergence: str, beta, temperature, ops:
         (xp, ep, sum_p, top_p, p_inf), (xq, sum_q, top_q) = (
             ((xt, et, sum_t, top_t, t_inf), (xs, sum_s, top_s)) if teacher_first
             else ((xs, es, sum_s, top_s, s_inf), (xt, sum_t, top_t)))
-        row = scaled(top_p - top_q, temperature, xs.dtype)[..., 0] + jnp.log(sum_p / sum_q)
         diff = scaled(jnp.where(keep & ~p_inf, xp - xq, 0), temperature, xs.dtype)
-        return ops.sum(ep * diff) / sum_p - row
+        gap = scaled(top_p - top_q, temperature, xs.dtype)[..., 0]
+        return kl_row(ep, sum_p, sum_q, diff, gap, ops.sum)
     if divergence == "tvd":
         # ½ Σ_c |t_c − s_c|, its (sub)gradient sign(s_c − t_c) / 2 with sign(0) = 0.
         gap = et / sum_t[..., None] - es / sum_s[..., None]
@@ -101,10 +102,10 @@ def distillation_core(logits, targets, counted, *, divergence, beta, temperature
     dtype = float_dtype(student.dtype, teacher.dtype)
     keep = counted[..., None]
     alpha = hard_weight
-    x, ds, top, _ = shifted(student, keep, temperature, ops, dtype)
+    x, ds, top, _ = centred_logits(student, keep, temperature, ops, dtype)
     loss = jnp.zeros(counted.shape, dtype)
     if not is_static(alpha, 1.0):
-        xt, dt, top_t, _ = shifted(teacher, keep, temperature, ops, dtype)
+        xt, dt, top_t, _ = centred_logits(teacher, keep, temperature, ops, dtype)
         soft = nonnegative(_divergence(
             (x, ds, top), (xt, dt, top_t), keep, divergence, beta,
             temperature, ops,

@@ -19,6 +19,8 @@ and sums over it; all other axes are batch axes. Conventions shared by all:
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import jax
 import jax.numpy as jnp
 from jaxtyping import Array, ArrayLike, Bool, Float
@@ -35,6 +37,7 @@ from ._checks import (
 from ._numerics import nonnegative
 from ._options import check_base
 from ._reduce import to_base
+from ._rows import entropy_parts, kl_row
 
 __all__ = [
     "information_content",
@@ -257,15 +260,22 @@ def js_divergence(
     return to_base(nonnegative(jnp.sum(terms, axis=axis)), log_base)
 
 
-def _masked_log_softmax(logits: jax.Array, mask: jax.Array | None, axis: int):
-    """``log_softmax`` over the kept entries; dropped and ``-inf`` entries get ``-inf``.
+class _Centred(NamedTuple):
+    """Logits along ``axis`` relative to their maximum, dropped and ``-inf`` entries left out."""
 
-    Returns ``(log_probs, probs, usable, parts)``, ``parts = (safe, top, total)``:
-    the logits with unusable entries 0, their maximum (no gradient) and
-    ``Σ exp(logits − top)``. Dropped entries are replaced before any
-    arithmetic (double ``where``), so masked NaN/inf never reach a value or a
-    gradient; a slice with nothing usable gives all-zero ``probs``. NaN in a
-    kept entry is not hidden: it propagates.
+    usable: jax.Array  # kept by ``where`` and not ``-inf``
+    safe: jax.Array  # the logits, 0 where not usable
+    top: jax.Array  # the maximum of the usable entries (keepdims, no gradient; 0 if none)
+    centred: jax.Array  # ``logits − top``, 0 where not usable
+    exp: jax.Array  # ``exp(centred)``, 0 where not usable
+    total: jax.Array  # ``Σ exp`` along ``axis`` (not keepdims), 1 where nothing is usable
+
+
+def _centred(logits: jax.Array, mask: jax.Array | None, axis: int) -> _Centred:
+    """:class:`_Centred` logits along ``axis`` (for :mod:`jxent._rows`' formulas).
+
+    Dropped entries are replaced before any arithmetic (double ``where``), so
+    masked NaN/inf never reach a value or a gradient; NaN in a kept entry propagates.
     """
     usable = logits != -jnp.inf
     if mask is not None:
@@ -274,11 +284,10 @@ def _masked_log_softmax(logits: jax.Array, mask: jax.Array | None, axis: int):
     safe = jnp.where(usable, logits, 0)
     top = jnp.max(jnp.where(usable, safe, -jnp.inf), axis=axis, keepdims=True)
     top = jax.lax.stop_gradient(jnp.where(any_usable, top, 0))
-    shifted = jnp.where(usable, safe - top, 0)
-    exp = jnp.where(usable, jnp.exp(shifted), 0)
-    total = jnp.where(any_usable, jnp.sum(exp, axis=axis, keepdims=True), 1)
-    log_probs = jnp.where(usable, shifted - jnp.log(total), -jnp.inf)
-    return log_probs, exp / total, usable, (safe, top, total)
+    centred = jnp.where(usable, safe - top, 0)
+    exp = jnp.where(usable, jnp.exp(centred), 0)
+    total = jnp.where(jnp.squeeze(any_usable, axis), jnp.sum(exp, axis=axis), 1)
+    return _Centred(usable, safe, top, centred, exp, total)
 
 
 def _logits(x, name: str, dtype=None) -> jax.Array:
@@ -322,9 +331,9 @@ def entropy_from_logits(
         raise ValueError("logits is a scalar; a distribution needs a class axis")
     axis = check_axis(axis, logits.ndim)
     mask = check_where(where, logits.shape, "where", "logits")
-    log_p, p, usable, _ = _masked_log_softmax(logits, mask, axis)
-    safe_log_p = jnp.where(usable, log_p, 0)
-    return to_base(nonnegative(-jnp.sum(p * safe_log_p, axis=axis)), log_base)
+    c = _centred(logits, mask, axis)
+    log_total, mean = entropy_parts(c.exp, c.total, c.centred, lambda v: jnp.sum(v, axis=axis))
+    return to_base(nonnegative(log_total - mean), log_base)
 
 
 def kl_divergence_from_logits(
@@ -374,24 +383,18 @@ def kl_divergence_from_logits(
     q_logits = jnp.broadcast_to(q_logits, shape)
     axis = check_axis(axis, len(shape), arg="p_logits")
     mask = check_where(where, shape, "where", "p_logits")
-    _, p, p_usable, (p_safe, p_top, p_total) = _masked_log_softmax(p_logits, mask, axis)
-    _, _, q_usable, (q_safe, q_top, q_total) = _masked_log_softmax(q_logits, mask, axis)
+    p, q = _centred(p_logits, mask, axis), _centred(q_logits, mask, axis)
     # A class contributes p_c (log p_c − log q_c) only where p_c > 0 (an
     # underflowed p_c = 0, e.g. at a -1e9 mask logit, is 0 · anything = 0).
     # Where q_c = 0 < p_c the divergence is +inf: that part is a constant
     # added to the finite part, so the value is +inf while the gradient is
     # the finite part's (never NaN: inf − inf would arise in the softmax's
-    # Jacobian otherwise). Each class's log p_c − log q_c is one shifted
-    # difference, (x_p − x_q) − [(top_p − top_q) + log(S_p / S_q)]: the
-    # normalisers enter as the log of their ratio, not as two rounded logs.
-    has_mass = p_usable & (p > 0)
-    finite = has_mass & q_usable
-    # safe logits (unusable entries 0) and totals in [1, V]: the difference is
-    # finite everywhere, so one where keeps the classes that count.
-    row = (p_top - q_top) + jnp.log(p_total / q_total)
-    terms = jnp.where(finite, p * ((p_safe - q_safe) - row), 0)
-    infinite = jnp.any(has_mass & ~q_usable, axis=axis)
-    kl = nonnegative(jnp.sum(terms, axis=axis)) + jnp.where(infinite, jnp.inf, 0.0).astype(
-        terms.dtype
-    )
+    # Jacobian otherwise). The finite part is jxent._rows.kl_row, the one
+    # formula (safe logits are finite everywhere: one where keeps the classes).
+    has_mass = p.usable & (p.exp / jnp.expand_dims(p.total, axis) > 0)
+    diff = jnp.where(has_mass & q.usable, p.safe - q.safe, 0)
+    gap = jnp.squeeze(p.top - q.top, axis)
+    finite = kl_row(p.exp, p.total, q.total, diff, gap, lambda v: jnp.sum(v, axis=axis))
+    infinite = jnp.any(has_mass & ~q.usable, axis=axis)
+    kl = nonnegative(finite) + jnp.where(infinite, jnp.inf, 0.0).astype(finite.dtype)
     return to_base(kl, log_base)

@@ -33,7 +33,8 @@ from ._engine import Rule, run
 from ._numerics import nonnegative
 from ._options import REQUIRED, parse_shift, parse_temperature
 from ._positions import position_args, token_targets
-from ._vocab import ClassOps, scaled, shifted
+from ._rows import centred_logits, entropy_parts, scaled
+from ._vocab import ClassOps
 
 __all__ = ["token_objective", "token_stats", "TokenStats"]
 
@@ -71,13 +72,9 @@ def _stats_and_saved(logits, tokens, counted, temperature, ops: ClassOps):
     """
     dtype = float_dtype(logits.dtype)
     keep = counted[..., None]
-    x, d, top, raw_top = shifted(logits, keep, temperature, ops, dtype)
+    x, d, top, raw_top = centred_logits(logits, keep, temperature, ops, dtype)
     e = jnp.exp(d)
-    total = ops.sum(e)
-    log_total = jnp.log(total)
-    # Σ_c p_c d_c with 0 · (−inf) = 0 for −inf logits, gated on exactly that case.
-    finite_d = jnp.where(d == -jnp.inf, 0, d)
-    mean_d = ops.sum(e * finite_d) / total
+    log_total, mean_d = entropy_parts(e, ops.sum(e), d, ops.sum)
     x_t = ops.take(x, tokens, fill=jnp.nan)
     top = top[..., 0]
     log_prob = scaled(jnp.where(counted, x_t, 0) - top, temperature, dtype) - log_total

@@ -31,7 +31,8 @@ from jaxtyping import ArrayLike, Float, Int
 from ._checks import float_dtype, floating_array, in_class_range, integer_ids, is_concrete
 from ._numerics import nonnegative
 from ._options import is_static, parse_temperature
-from ._vocab import ClassOps, hard_cross_entropy, scaled, shifted
+from ._rows import centred_logits, hard_cross_entropy, scaled
+from ._vocab import ClassOps
 
 __all__ = ["TopK", "stored_rows", "topk_core", "bucket_divergence"]
 
@@ -238,7 +239,7 @@ def topk_core(logits, rows, counted, *, topk_mode, divergence, beta, temperature
     ops = ClassOps(student.ndim - 1, vocab_axis_name, student.shape[-1])
     dtype = float_dtype(student.dtype)
     keep = counted[..., None]
-    x, d, top, _ = shifted(student, keep, temperature, ops, dtype)
+    x, d, top, _ = centred_logits(student, keep, temperature, ops, dtype)
     loss = jnp.zeros(counted.shape, dtype)
     if not is_static(hard_weight, 1.0):
         stored = keep & (log_probs != -jnp.inf)
