@@ -15,11 +15,11 @@ import jax.numpy as jnp
 import numpy as np
 from jaxtyping import Array, ArrayLike, Bool, Float, Int
 
-from ._checks import boolean_mask, float_dtype, in_class_range, integer_ids, is_concrete
+from ._checks import float_dtype, in_class_range, integer_ids, is_concrete
 from ._engine import run
 from ._options import parse_temperature
-from ._positions import as_logits
-from ._rows import centred_logits
+from ._positions import as_logits, position_mask
+from ._rows import centred_logits, log_normaliser
 from ._vocab import ClassOps
 
 __all__ = ["class_log_probs"]
@@ -32,7 +32,7 @@ def _class_core(logits, index, counted, *, temperature, vocab_axis_name):
     dtype = float_dtype(x.dtype)
     keep = counted[..., None]
     _, d, _, _ = centred_logits(x, keep, temperature, ops, dtype)
-    log_total = jnp.log(ops.sum(jnp.exp(d)))
+    log_total = log_normaliser(d, ops.sum)
     out = ops.gather(d, index, fill=jnp.nan) - log_total[..., None]
     return jnp.where(keep, out, 0)
 
@@ -110,15 +110,10 @@ def class_log_probs(
     positions = tuple(logits.shape[:-1])
     num_classes = ClassOps(-1, vocab_axis_name, logits.shape[-1]).num_classes
     index = _ids(ids, positions, num_classes, vocab_axis_name is None)
-    if where is None:
-        counted = jnp.ones(positions, bool)
-    else:
-        counted = boolean_mask(where)
-        if counted.shape != positions:
-            raise ValueError(
-                f"where has shape {counted.shape} but logits have positions {positions} "
-                "(logits.shape[:-1]); where marks whole positions"
-            )
+    counted = position_mask(
+        where, positions,
+        "logits have positions {} (logits.shape[:-1]); where marks whole positions",
+    )
     return run(
         _class_core, (logits,), index, counted, mode="positions",
         options=dict(temperature=temperature, vocab_axis_name=vocab_axis_name),

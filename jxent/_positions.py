@@ -84,7 +84,7 @@ def as_logits(logits: Any, name: str = "logits"):
 # --------------------------------------------------------------------------- checks
 
 
-def _counted(where: Any, shape: tuple[int, ...], marks: str) -> jax.Array:
+def position_mask(where: Any, shape: tuple[int, ...], marks: str) -> jax.Array:
     """``where`` checked as a boolean mask of exactly ``shape`` (a loss mask marks whole
     positions); all True when it is None."""
     if where is None:
@@ -213,7 +213,7 @@ def class_targets(logits, targets, *, axis, where, ignore_index, class_weights, 
     shape = tuple(logits.shape)
     normal = _class_axis(logits, targets, axis)
     positions = shape[:normal] + shape[normal + 1 :]
-    counted = _counted(
+    counted = position_mask(
         where, positions, "the targets' positions have shape {}; a loss mask marks whole positions"
     )
     if jnp.issubdtype(targets.dtype, jnp.integer):
@@ -320,7 +320,7 @@ def token_targets(
                 "([..., T] for logits [..., T, V])"
             )
     if where is not None:
-        where = _counted(
+        where = position_mask(
             where, positions, "tokens has shape {}; the loss mask marks token positions [..., T]"
         )
     segment_ids = _position_array(segment_ids, positions, "segment_ids", "integer", function)

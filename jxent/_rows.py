@@ -51,7 +51,12 @@ def hard_cross_entropy(x, d, top, keep, counted, targets, temperature, ops: Clas
     d1 = d if isinstance(temperature, float) and temperature == 1.0 else (
         jnp.where(keep, x, 0) - top)
     x_t = jnp.where(counted, ops.take(x, targets, fill=jnp.nan), 0)
-    return (top[..., 0] - x_t) + jnp.log(ops.sum(jnp.exp(d1)))
+    return (top[..., 0] - x_t) + log_normaliser(d1, ops.sum)
+
+
+def log_normaliser(d, total):
+    """``log Σ_c exp d_c`` of centred logits ``d`` (in ``[0, log V]``): ``logsumexp − top``."""
+    return jnp.log(total(jnp.exp(d)))
 
 
 def kl_row(e_p, sum_p, sum_q, diff, top_gap, total):

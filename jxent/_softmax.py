@@ -19,6 +19,7 @@ from ._engine import run
 from ._options import LossOptions, is_static, loss_options, parse_reduction
 from ._positions import Positions, class_targets
 from ._reduce import needs_sums, reduce
+from ._rows import log_normaliser
 from ._vocab import ClassOps, class_weight_vector, take_weight
 
 __all__ = ["softmax_cross_entropy"]
@@ -70,7 +71,7 @@ def cross_entropy_core(
         x = safe
     top = ops.max(x, keep)
     # log Σ_c exp(x_c − top), in [0, log C]: everything below stays shifted.
-    log_sum = jnp.log(ops.sum(jnp.exp(safe - top)))
+    log_sum = log_normaliser(safe - top, ops.sum)
     centred = _Centred(x, safe, top, log_sum, keep, counted, ops, dtype)
     floating = jnp.issubdtype(targets.dtype, jnp.floating)
     terms = _probability_terms if floating else _index_terms

@@ -180,9 +180,8 @@ def _log_rest(e, index, stored, ops: ClassOps):
     """``log Σ exp d`` over the classes not stored (``−inf`` when there are none), per position."""
     shape = e.shape
     flat_e = e.reshape(-1, shape[-1])
-    local = index - ops.offset()
-    mine = stored & (local >= 0) & (local < ops.num_local)
-    cols = jnp.where(mine, local, ops.num_local).reshape(-1, index.shape[-1])
+    local, mine = ops.local(index)
+    cols = jnp.where(stored & mine, local, ops.num_local).reshape(-1, index.shape[-1])
     rows = jnp.arange(flat_e.shape[0])[:, None]
     covered = jnp.zeros(flat_e.shape, bool).at[rows, cols].set(True, mode="drop")
     rest = ops.sum(jnp.where(covered.reshape(shape), 0, e))

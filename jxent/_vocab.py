@@ -95,13 +95,23 @@ class ClassOps(NamedTuple):
         if self.axis_name is None:
             out = jnp.take_along_axis(x, index, self.axis, mode="fill", fill_value=fill)
             return jnp.squeeze(out, self.axis)
+        local, mine = self.local(index)
+        out = jnp.take_along_axis(x, local, self.axis)
+        return self.owned(jnp.squeeze(out, self.axis), jnp.squeeze(mine, self.axis),
+                          jnp.squeeze(index, self.axis), fill)
+
+    def local(self, index):
+        """``(local, mine)`` for global class ids: this shard's index (0 where it does not
+        hold the class) and whether it does: the sharded gather's one rule."""
         local = index - self.offset()
         mine = (local >= 0) & (local < self.num_local)
-        out = jnp.take_along_axis(x, jnp.where(mine, local, 0), self.axis)
-        out = jnp.squeeze(jnp.where(mine, out, 0), self.axis)
-        out = self.sum_tokens(out)
-        oob = jnp.squeeze(index, self.axis) >= self.num_classes
-        return jnp.where(oob, fill, out)
+        return jnp.where(mine, local, 0), mine
+
+    def owned(self, out, mine, index, fill):
+        """Values gathered at :meth:`local` indices, combined across shards (the holder's),
+        ``fill`` for an id out of range."""
+        out = self.sum_tokens(jnp.where(mine, out, 0))
+        return jnp.where(index >= self.num_classes, fill, out)
 
     def gather(self, x, index, fill):
         """``x`` at ``index [..., k]`` global class ids along the last axis: ``[..., k]``.
@@ -112,11 +122,8 @@ class ClassOps(NamedTuple):
         """
         if self.axis_name is None:
             return jnp.take_along_axis(x, index, -1, mode="fill", fill_value=fill)
-        local = index - self.offset()
-        mine = (local >= 0) & (local < self.num_local)
-        out = jnp.take_along_axis(x, jnp.where(mine, local, 0), -1)
-        out = self.sum_tokens(jnp.where(mine, out, 0))
-        return jnp.where(index >= self.num_classes, fill, out)
+        local, mine = self.local(index)
+        return self.owned(jnp.take_along_axis(x, local, -1), mine, index, fill)
 
     def first(self, hit):
         """The smallest global class id where ``hit`` (class axis last) is True, int32.
@@ -198,7 +205,5 @@ def take_weight(weights, index, ops: ClassOps, dtype):
         # the sharding of a replicated table gathered at sharded indices.
         sharding = jax.typeof(index).sharding
         return w.at[index].get(mode="fill", fill_value=jnp.nan, out_sharding=sharding)
-    local = index - ops.offset()
-    mine = (local >= 0) & (local < ops.num_local)
-    out = ops.sum_tokens(jnp.where(mine, w[jnp.where(mine, local, 0)], 0))
-    return jnp.where(index >= ops.num_classes, jnp.nan, out)
+    local, mine = ops.local(index)
+    return ops.owned(w[local], mine, index, jnp.nan)
