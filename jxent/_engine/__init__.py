@@ -29,7 +29,7 @@ import jax.numpy as jnp
 
 from .._logits import LinearLogits
 from . import _loop
-from ._chunk import Rule
+from ._chunk import Dense, Linear, Rule
 from ._loop import default_chunk_size, default_precision
 from ._partition import partitioned_rules
 from ._sharding import mesh_kind, run_explicit
@@ -140,8 +140,8 @@ def _fused(core, logits, rows, counted, mode, options, trainable):
     # a derivative of the rules themselves (jvp of grad, hessian) from reaching it
     # through an array it shares with a trained member (one kernel, self-distillation).
     members = tuple(
-        (flat(x.hidden), x.kernel, x.bias) if isinstance(x, LinearLogits)
-        else flat(jnp.asarray(x))
+        Linear(flat(x.hidden), x.kernel, x.bias) if isinstance(x, LinearLogits)
+        else Dense(flat(jnp.asarray(x)))
         for x in logits
     )
     members = tuple(
@@ -153,12 +153,7 @@ def _fused(core, logits, rows, counted, mode, options, trainable):
     arrays = jax.lax.stop_gradient(arrays)
     if n == 0:
         # Nothing to chunk: the core on the (empty) materialised logits.
-        dense = tuple(
-            jnp.dot(m[0], m[1], preferred_element_type=x.dtype)
-            + (0 if m[2] is None else m[2].astype(x.dtype))
-            if isinstance(x, LinearLogits) else m
-            for x, m in zip(logits, members, strict=True)
-        )
+        dense = tuple(m.rows(0, 0, counted)[1] for m in members)
         out = core(dense, rows, counted, **options)
         return _loop.sums(out) if mode == "sum" else _unflatten(out, positions)
     chunks = [x.chunk_size for x in logits if isinstance(x, LinearLogits)]
@@ -170,8 +165,8 @@ def _fused(core, logits, rows, counted, mode, options, trainable):
         # is placed (a sequence axis too) and flatten each device's block.
         per_position, summed = partitioned_rules(tuple(chunks))
         members = tuple(
-            (m[0].reshape(x.hidden.shape), m[1], m[2]) if isinstance(x, LinearLogits)
-            else m.reshape(x.shape)
+            m._replace(hidden=m.hidden.reshape(x.hidden.shape)) if isinstance(x, LinearLogits)
+            else Dense(m.logits.reshape(x.shape))
             for x, m in zip(logits, members, strict=True)
         )
         rows, counted = jax.tree.map(lambda r: r.reshape(positions + r.shape[1:]), rows), \

@@ -7,8 +7,9 @@ given cotangents, ``∂/∂logits`` (``jax.vjp`` of the core, or a :class:`Rule`
 pullback) turned into the rows of ``∂/∂hidden``, ``∂/∂kernel`` (added in
 place) and ``∂/∂bias`` by three products.
 
-A member is ``(hidden [N, D], kernel [D, V], bias [V] | None)`` or a dense
-``[N, V]`` array (a teacher's logits: never differentiated).
+A member is a :class:`Linear` (``hidden [N, D]``, ``kernel [D, V]``, ``bias
+[V] | None``) or a :class:`Dense` (``[N, V]`` logits, a teacher's: never
+differentiated).
 """
 
 from __future__ import annotations
@@ -76,8 +77,43 @@ class Rule(NamedTuple):
         return self.forward(*args, **options)[0]
 
 
+class Linear(NamedTuple):
+    """A member given as ``LinearLogits``: its logits are formed a chunk at a time."""
+
+    hidden: jax.Array  # [N, D], the positions flattened
+    kernel: jax.Array  # [D, V]
+    bias: jax.Array | None  # [V]
+
+    @property
+    def num_classes(self) -> int:
+        return self.kernel.shape[1]
+
+    def rows(self, start, size, mask):
+        """``(h, logits)`` of one chunk; rows not counted are zeroed first (NaN-safe)."""
+        acc = float_dtype(self.hidden.dtype, self.kernel.dtype)
+        h = jnp.where(mask[:, None], rows_of(self.hidden, start, size), 0)
+        logits = jnp.dot(h, self.kernel, preferred_element_type=acc)
+        if self.bias is not None:
+            logits = logits + self.bias.astype(acc)[None, :]
+        return h, logits
+
+
+class Dense(NamedTuple):
+    """A member given as materialised logits ``[N, V]`` (never differentiated here)."""
+
+    logits: jax.Array
+
+    @property
+    def num_classes(self) -> int:
+        return self.logits.shape[-1]
+
+    def rows(self, start, size, mask):
+        del mask
+        return None, rows_of(self.logits, start, size)
+
+
 def is_linear(member) -> bool:
-    return isinstance(member, tuple)
+    return isinstance(member, Linear)
 
 
 def _chunk_start(plan: Plan, i):
@@ -94,19 +130,6 @@ def _chunk_start(plan: Plan, i):
 
 def rows_of(x, start, size):
     return jax.lax.dynamic_slice_in_dim(x, start, size)
-
-
-def _chunk_logits(member, start, size, mask):
-    """``(h, logits)`` of one chunk; rows of ``hidden`` not counted are zeroed first (NaN-safe)."""
-    if not is_linear(member):
-        return None, rows_of(member, start, size)
-    hidden, kernel, bias = member
-    acc = float_dtype(hidden.dtype, kernel.dtype)
-    h = jnp.where(mask[:, None], rows_of(hidden, start, size), 0)
-    logits = jnp.dot(h, kernel, preferred_element_type=acc)
-    if bias is not None:
-        logits = logits + bias.astype(acc)[None, :]
-    return h, logits
 
 
 def write(out, value, start, fresh):
@@ -197,7 +220,7 @@ def _chunk_inputs(plan: Plan, i, members, rows, counted):
     size = plan.chunk
     start, fresh = _chunk_start(plan, i)
     m = rows_of(counted, start, size) & fresh
-    inputs = [_chunk_logits(member, start, size, m) for member in members]
+    inputs = [member.rows(start, size, m) for member in members]
     rows_c = jax.tree.map(lambda r: rows_of(r, start, size), rows)
     return start, fresh, m, inputs, rows_c
 

@@ -216,7 +216,7 @@ def _policy(member, policy: str) -> str:
 def for_platform(plan: Plan, members, platform: str) -> Plan:
     """``plan`` as lowered for ``platform``: its chunk, precision policies and class blocks."""
     n = plan.positions
-    classes = sum(m[1].shape[1] if is_linear(m) else m.shape[1] for m in members)
+    classes = sum(m.num_classes for m in members)
     chunk = plan.chunk or default_chunk_size(n, classes, platform)
     chunk = max(1, min(chunk, n))
     precision = tuple(
@@ -224,7 +224,7 @@ def for_platform(plan: Plan, members, platform: str) -> Plan:
         for m, p in zip(members, plan.precision or (None,) * len(members), strict=True)
     )
     blocks = tuple(
-        outer_block(chunk, m[0].shape[-1], m[1].shape[1], platform) if is_linear(m) else None
+        outer_block(chunk, m.hidden.shape[-1], m.num_classes, platform) if is_linear(m) else None
         for m in members
     )
     return plan._replace(chunk=chunk, precision=precision, blocks=blocks)
@@ -299,7 +299,7 @@ def cotangents(plan: Plan, members, grads, scale=None):
             if scale is not None:
                 grad = scale * grad
             cts.append(cotangent_like(grad, primal).astype(primal.dtype))
-        out.append(tuple(cts))
+        out.append(type(member)(*cts))
     return tuple(out)
 
 

@@ -53,14 +53,14 @@ def _member_roles(members, npos: int) -> list:
     out = []
     for i, m in enumerate(members):
         if is_linear(m):
-            out.append((n + (f"d{i}",), (f"d{i}", "v"), None if m[2] is None else ("v",)))
+            out.append((n + (f"d{i}",), (f"d{i}", "v"), None if m.bias is None else ("v",)))
         else:
             out.append((n + ("v",),))
     return out
 
 
 def _roles(npos, members, rows, counted, arrays, saved, ct) -> tuple:
-    num_classes = next(m[1].shape[1] if is_linear(m) else m.shape[-1] for m in members)
+    num_classes = members[0].num_classes
     out = [r for roles in _member_roles(members, npos) for r in roles if r is not None]
     out += [_per_position(x, npos) for x in jax.tree.leaves(rows)]
     out.append(_per_position(counted, npos))
@@ -97,7 +97,8 @@ def _flat_work(kind: str, plan, npos: int, members, rows, counted, arrays, saved
     shape = counted.shape[:npos]
     n = math.prod(shape)
     flat = lambda x: x.reshape((n,) + x.shape[npos:])
-    members = tuple((flat(m[0]), m[1], m[2]) if is_linear(m) else flat(m) for m in members)
+    members = tuple(jax.tree.map(flat, m) if not is_linear(m) else m._replace(hidden=flat(m.hidden))
+                    for m in members)
     rows, counted, saved, ct = jax.tree.map(flat, (rows, counted, saved, ct))
     if lower is not None:
         plan = lower(plan, members, counted)
