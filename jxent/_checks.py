@@ -178,7 +178,7 @@ def in_class_range(ids: jax.Array, num_classes: int) -> jax.Array:
     return ok
 
 
-def target_shape_error(targets, shape, axis: int, given_axis: int, positions) -> Exception:
+def target_shape_error(targets, shape, axis: int, given_axis: int, position_shape) -> Exception:
     """The most useful message for targets whose shape or dtype does not fit the logits."""
     ndim = len(shape)
     integer = jnp.issubdtype(targets.dtype, jnp.integer)
@@ -186,16 +186,16 @@ def target_shape_error(targets, shape, axis: int, given_axis: int, positions) ->
         return ValueError(
             f"targets is an integer array ({targets.dtype}) with the logits' shape {shape}: "
             "probabilities (e.g. one-hot) need a floating dtype (targets.astype(jnp.float32)); "
-            f"class ids have shape {positions} (jnp.argmax(targets, axis={given_axis}))"
+            f"class ids have shape {position_shape} (jnp.argmax(targets, axis={given_axis}))"
         )
     if integer and ndim >= 3 and axis == ndim - 1:
         if targets.shape == shape[:1] + shape[2:]:
             return ValueError(
                 f"targets has shape {targets.shape} and logits {shape}: this is PyTorch's "
                 "[N, C, d1, ...] layout with the classes on axis 1; pass axis=1 (with "
-                f"axis={given_axis} the targets would need shape {positions})"
+                f"axis={given_axis} the targets would need shape {position_shape})"
             )
-    if not integer and targets.shape == positions:
+    if not integer and targets.shape == position_shape:
         return TypeError(
             f"targets has floating dtype {targets.dtype} and shape {targets.shape}, the shape "
             "of class ids: class ids must be integers (targets.astype(jnp.int32)); "
@@ -204,10 +204,10 @@ def target_shape_error(targets, shape, axis: int, given_axis: int, positions) ->
     if integer:
         return ValueError(
             f"targets has shape {targets.shape} but logits {shape} with axis={given_axis} "
-            f"expects {positions} (integer class indices), or {shape} (probabilities, "
+            f"expects {position_shape} (integer class indices), or {shape} (probabilities, "
             "floating dtype)"
         )
     return ValueError(
         f"targets has shape {targets.shape} but probability targets must have the logits' "
-        f"shape {shape}; integer class indices would have shape {positions}"
+        f"shape {shape}; integer class indices would have shape {position_shape}"
     )

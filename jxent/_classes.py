@@ -37,15 +37,15 @@ def _class_core(logits, index, counted, *, temperature, vocab_axis_name):
     return jnp.where(keep, out, 0)
 
 
-def _ids(ids, positions: tuple, num_classes: int, check: bool):
+def _ids(ids, position_shape: tuple, num_classes: int, check: bool):
     """``ids`` checked, broadcast to ``positions + (k,)``, int32; out of range: ``num_classes``."""
     ids = integer_ids(ids, "ids", "class_log_probs")
     if ids.ndim == 1:
-        ids = jnp.broadcast_to(ids, tuple(positions) + ids.shape)
-    elif ids.shape[:-1] != tuple(positions):
+        ids = jnp.broadcast_to(ids, tuple(position_shape) + ids.shape)
+    elif ids.shape[:-1] != tuple(position_shape):
         raise ValueError(
-            f"ids has shape {ids.shape} but logits have positions {tuple(positions)}; "
-            f"expected {tuple(positions)} + (k,) (ids per position) or (k,) (shared)"
+            f"ids has shape {ids.shape} but logits have positions {tuple(position_shape)}; "
+            f"expected {tuple(position_shape)} + (k,) (ids per position) or (k,) (shared)"
         )
     if ids.shape[-1] == 0:
         raise ValueError(f"ids has shape {ids.shape}: k = 0 classes chosen")
@@ -107,11 +107,11 @@ def class_log_probs(
     """
     temperature = parse_temperature(temperature)
     logits = as_logits(logits)
-    positions = tuple(logits.shape[:-1])
+    position_shape = tuple(logits.shape[:-1])
     num_classes = ClassOps(-1, vocab_axis_name, logits.shape[-1]).num_classes
-    index = _ids(ids, positions, num_classes, vocab_axis_name is None)
+    index = _ids(ids, position_shape, num_classes, vocab_axis_name is None)
     counted = position_mask(
-        where, positions,
+        where, position_shape,
         "logits have positions {} (logits.shape[:-1]); where marks whole positions",
     )
     return run(

@@ -181,7 +181,7 @@ def _class_axis(logits, targets, axis) -> int:
     return normal
 
 
-def _probabilities(targets, logits, ignore_index, axis: int, given_axis: int, positions):
+def _probabilities(targets, logits, ignore_index, axis: int, given_axis: int, position_shape):
     """Floating targets checked (the logits' shape, no ``ignore_index``), in the core's dtype."""
     shape = tuple(logits.shape)
     if not jnp.issubdtype(targets.dtype, jnp.floating):
@@ -195,7 +195,7 @@ def _probabilities(targets, logits, ignore_index, axis: int, given_axis: int, po
             f"(floating dtype {targets.dtype}); use where= to mask positions"
         )
     if targets.shape != shape:
-        raise target_shape_error(targets, shape, axis, given_axis, positions)
+        raise target_shape_error(targets, shape, axis, given_axis, position_shape)
     return targets.astype(float_dtype(logits.dtype, targets.dtype))
 
 
@@ -212,19 +212,20 @@ def class_targets(logits, targets, *, axis, where, ignore_index, class_weights, 
     targets = as_integer_ids(targets, "targets")
     shape = tuple(logits.shape)
     normal = _class_axis(logits, targets, axis)
-    positions = shape[:normal] + shape[normal + 1 :]
+    position_shape = shape[:normal] + shape[normal + 1 :]
     counted = position_mask(
-        where, positions, "the targets' positions have shape {}; a loss mask marks whole positions"
+        where, position_shape,
+        "the targets' positions have shape {}; a loss mask marks whole positions",
     )
     if jnp.issubdtype(targets.dtype, jnp.integer):
-        if targets.shape != positions:
-            raise target_shape_error(targets, shape, normal, axis, positions)
+        if targets.shape != position_shape:
+            raise target_shape_error(targets, shape, normal, axis, position_shape)
         index, counted = _class_index(
             targets, counted, _num_classes(shape[normal], vocab_axis_name), ignore_index,
             vocab_axis_name is None, "targets",
         )
     else:
-        index = _probabilities(targets, logits, ignore_index, normal, axis, positions)
+        index = _probabilities(targets, logits, ignore_index, normal, axis, position_shape)
     weights = _class_weights(class_weights, logits, shape[normal], vocab_axis_name is not None)
     return logits, Positions(index, counted, axis=normal - len(shape), class_weights=weights)
 
@@ -262,13 +263,13 @@ def _token_weights(weights, shape, function: str):
     return weights
 
 
-def _predicting(positions, shift: int, where, segment_ids):
+def _predicting(position_shape, shift: int, where, segment_ids):
     """``(counted, length)`` before the targets: the shift, the checked ``where`` and the
     documents applied."""
-    counted, length = jnp.ones(positions, bool), None
+    counted, length = jnp.ones(position_shape, bool), None
     if shift:
-        length = max(positions[-1] - shift, 0)
-        counted = jnp.broadcast_to(jnp.arange(positions[-1]) < length, positions)
+        length = max(position_shape[-1] - shift, 0)
+        counted = jnp.broadcast_to(jnp.arange(position_shape[-1]) < length, position_shape)
     if where is not None:
         counted = counted & shift_left(where, shift, False)
     if segment_ids is not None:
@@ -311,21 +312,22 @@ def token_targets(
         raise ValueError(
             f"logits must have shape [..., T, V] (at least 2 dimensions), got {shape}"
         )
-    positions = shape[:-1]
+    position_shape = shape[:-1]
     if tokens is not None:
         tokens = integer_ids(tokens, name, function, "token ids")
-        if tokens.shape != positions:
+        if tokens.shape != position_shape:
             raise ValueError(
-                f"{name} has shape {tokens.shape} but logits {shape} expects {positions} "
+                f"{name} has shape {tokens.shape} but logits {shape} expects {position_shape} "
                 "([..., T] for logits [..., T, V])"
             )
     if where is not None:
         where = position_mask(
-            where, positions, "tokens has shape {}; the loss mask marks token positions [..., T]"
+            where, position_shape,
+            "tokens has shape {}; the loss mask marks token positions [..., T]",
         )
-    segment_ids = _position_array(segment_ids, positions, "segment_ids", "integer", function)
-    weights = _token_weights(weights, positions, function)
-    counted, length = _predicting(positions, shift, where, segment_ids)
+    segment_ids = _position_array(segment_ids, position_shape, "segment_ids", "integer", function)
+    weights = _token_weights(weights, position_shape, function)
+    counted, length = _predicting(position_shape, shift, where, segment_ids)
     index = None
     if tokens is not None:
         index, counted = _class_index(

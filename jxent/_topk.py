@@ -118,18 +118,18 @@ class TopK:
 # --------------------------------------------------------------------------- positions
 
 
-def _first_bad(bad, what: str, teacher: TopK, positions) -> ValueError:
+def _first_bad(bad, what: str, teacher: TopK, position_shape) -> ValueError:
     where = tuple(int(i) for i in np.argwhere(np.asarray(bad))[0])
     ids = np.asarray(teacher.ids)[where].tolist()
     lp = np.round(np.asarray(teacher.log_probs, np.float64)[where], 4).tolist()
     return ValueError(
-        f"teacher (TopK) {what} at position {where} of {tuple(positions)} (ids {ids}, "
+        f"teacher (TopK) {what} at position {where} of {tuple(position_shape)} (ids {ids}, "
         f"log_probs {lp}; {int(np.sum(bad))} such position(s) in all); entries at -inf "
         "log-prob are padding"
     )
 
 
-def stored_rows(teacher: TopK, positions: tuple, counted, num_classes: int, check: bool):
+def stored_rows(teacher: TopK, position_shape: tuple, counted, num_classes: int, check: bool):
     """``(index, log_probs, bad)``: a stored teacher checked and turned into the core's rows.
 
     ``index`` int32 ``[P, k]``: the id of each finite entry, ``num_classes``
@@ -140,10 +140,10 @@ def stored_rows(teacher: TopK, positions: tuple, counted, num_classes: int, chec
     """
     if not isinstance(teacher, TopK):
         raise TypeError(f"teacher must be a TopK, got {type(teacher).__name__}")
-    if teacher.shape[:-1] != tuple(positions):
+    if teacher.shape[:-1] != tuple(position_shape):
         raise ValueError(
             f"teacher (TopK) has ids of shape {teacher.shape} but the student's logits have "
-            f"positions {tuple(positions)}; expected {tuple(positions) + (teacher.k,)} "
+            f"positions {tuple(position_shape)}; expected {tuple(position_shape) + (teacher.k,)} "
             "(aligned with the student's logits, as a dense teacher's would be)"
         )
     ids, log_probs = teacher.ids, jax.lax.stop_gradient(teacher.log_probs)
@@ -169,7 +169,7 @@ def stored_rows(teacher: TopK, positions: tuple, counted, num_classes: int, chec
         ):
             bad = np.asarray(counted) & np.asarray(bad)
             if bad.any():
-                raise _first_bad(bad, what, teacher, positions)
+                raise _first_bad(bad, what, teacher, position_shape)
     return index, lp, counted & (oob | dup | over)
 
 
