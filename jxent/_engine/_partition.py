@@ -196,31 +196,28 @@ def _local_plan(op: Op, counted, vocab_axes):
     )
 
 
+def _psum(x, axes):
+    """``x`` summed over the mesh ``axes`` (None: one device, or an absent gradient)."""
+    return x if axes is None or x is None else jax.lax.psum(x, axes)
+
+
+def _combine_grads(grads, pos_axes, vocab_axes):
+    """Each member's ``(d_hidden, d_kernel, d_bias)``: hidden's summed over V, the rest over N."""
+    return tuple(
+        None if g is None
+        else (_psum(g[0], vocab_axes), _psum(g[1], pos_axes), _psum(g[2], pos_axes))
+        for g in grads
+    )
+
+
 def _combine(kind: str, out, pos_axes, vocab_axes):
     """The devices' parts summed: sums and kernel/bias gradients over positions, hidden's over V."""
-
-    def grads(gs):
-        combined = []
-        for g in gs:
-            if g is None:
-                combined.append(None)
-                continue
-            d_hidden, d_kernel, d_bias = g
-            if vocab_axes is not None:
-                d_hidden = jax.lax.psum(d_hidden, vocab_axes)
-            if pos_axes is not None:
-                d_kernel = jax.lax.psum(d_kernel, pos_axes)
-                d_bias = None if d_bias is None else jax.lax.psum(d_bias, pos_axes)
-            combined.append((d_hidden, d_kernel, d_bias))
-        return tuple(combined)
-
-    total = (lambda s: s) if pos_axes is None else (lambda s: jax.lax.psum(s, pos_axes))
     if kind == "sums":
-        return total(out)
+        return _psum(out, pos_axes)
     if kind == "sums_grads":
-        return total(out[0]), grads(out[1])
+        return _psum(out[0], pos_axes), _combine_grads(out[1], pos_axes, vocab_axes)
     if kind == "backward":
-        return grads(out)
+        return _combine_grads(out, pos_axes, vocab_axes)
     return out  # per-position outputs stay on their devices
 
 
