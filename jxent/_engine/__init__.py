@@ -104,6 +104,8 @@ def run(
                 _local, core, logits, rows, counted, mode=mode, options=options,
                 trainable=trainable, axis=options.get("axis", -1), fused=tuple(fused),
             )
+        if any(fused):
+            return _fused(core, logits, rows, counted, mode, options, trainable)
         return _local(core, logits, rows, counted, mode=mode, options=options,
                       trainable=trainable)
 

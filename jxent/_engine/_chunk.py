@@ -281,12 +281,14 @@ def chunk_step(plan: Plan, i, members, rows, counted, arrays, ct=None, grads=Non
     logits = tuple(x for _, x in inputs)
     rule = isinstance(plan.core, Rule)
 
+    options = dict(plan.options, **arrays)
+    fn = plan.core.forward if rule else plan.core
+
     def core(*trained):
         it = iter(trained)
         full = tuple(next(it) if t else x for x, t in zip(logits, plan.trainable, strict=True))
-        if rule:
-            return plan._replace(core=plan.core.forward).call(full, rows_c, m, arrays)
-        return plan.call(full, rows_c, m, arrays), None
+        out = fn(full, rows_c, m, **options)
+        return out if rule else (out, None)
 
     trained = [x for x, t in zip(logits, plan.trainable, strict=True) if t]
     if ct is None:

@@ -49,7 +49,7 @@ from ._chunk import (
     pullback_step,
 )
 from ._chunk import write as write_rows
-from ._mesh import cotangent_like, loop
+from ._mesh import carry_init, cotangent_like
 
 # The backends' rules. CPU: at most this many logits per chunk (128 MiB in
 # float32) and this fraction of the positions, but at least this many positions.
@@ -154,7 +154,8 @@ def forward(plan: Plan, members, rows, counted, arrays, *, saved: bool = False):
         return jax.tree.map(lambda o, v: write_rows(o, v, start, fresh), out, values)
 
     shapes = output_shapes(plan, members, rows, counted, arrays)
-    return loop(_num_chunks(plan), body, _zeros(plan, shapes if saved else shapes[0]))
+    init = _zeros(plan, shapes if saved else shapes[0])
+    return jax.lax.fori_loop(0, _num_chunks(plan), body, carry_init(body, init))
 
 
 def forward_backward(plan: Plan, members, rows, counted, arrays, ct, shapes=None):
@@ -171,7 +172,7 @@ def forward_backward(plan: Plan, members, rows, counted, arrays, ct, shapes=None
         return out, grads
 
     init = (None if shapes is None else _zeros(plan, shapes[0]), grad_init(plan, members))
-    out, grads = loop(_num_chunks(plan), body, init)
+    out, grads = jax.lax.fori_loop(0, _num_chunks(plan), body, carry_init(body, init))
     return grads if shapes is None else (out, grads)
 
 
@@ -183,7 +184,8 @@ def backward(plan: Plan, members, rows, counted, arrays, saved, ct):
     def body(i, grads):
         return pullback_step(plan, i, members, rows, counted, arrays, saved, ct, grads)
 
-    return loop(_num_chunks(plan), body, grad_init(plan, members))
+    init = grad_init(plan, members)
+    return jax.lax.fori_loop(0, _num_chunks(plan), body, carry_init(body, init))
 
 
 def sums(out, axes: int = 1):

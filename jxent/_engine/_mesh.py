@@ -33,19 +33,24 @@ def make_varying(x, axes):
     return jax.lax.pvary(x, missing)
 
 
-def loop(num: int, body, init):
-    """``fori_loop(0, num, body, init)`` whose carries start with the body's mesh variance.
+def carry_init(body, init):
+    """``init`` with the mesh variance of what ``body(i, carry)`` writes into it.
 
     Inside ``shard_map`` a carry that starts as invariant zeros but is updated
     with shard-dependent values must be marked varying from the start, which
-    takes one more trace of the body; outside it, none.
+    takes one more trace of the body; outside it, ``init`` as it is. The
+    caller runs ``jax.lax.fori_loop(0, num, body, carry_init(body, init))``.
     """
     mesh = jax.sharding.get_abstract_mesh()
     if mesh.empty or jax.sharding.AxisType.Manual not in mesh.axis_types:
-        return jax.lax.fori_loop(0, num, body, init)
+        return init
     out = jax.eval_shape(lambda carry: body(0, carry), init)
-    init = jax.tree.map(lambda z, o: make_varying(z, varying_axes(o)), init, out)
-    return jax.lax.fori_loop(0, num, body, init)
+    return jax.tree.map(lambda z, o: make_varying(z, varying_axes(o)), init, out)
+
+
+def loop(num: int, body, init):
+    """``fori_loop(0, num, body, init)`` whose carries start with the body's mesh variance."""
+    return jax.lax.fori_loop(0, num, body, carry_init(body, init))
 
 
 def cotangent_like(ct, primal):
