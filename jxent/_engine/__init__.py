@@ -87,14 +87,7 @@ def run(
         raise ValueError(f"mode must be 'positions' or 'sum', got {mode!r}")
     trainable = tuple(trainable or (True,) * len(logits))
     fused = [isinstance(x, LinearLogits) for x in logits]
-    for x, lin, train, name in zip(logits, fused, trainable, names or ("logits",) * len(logits),
-                                   strict=True):
-        if any(fused) and train and not lin:
-            raise ValueError(
-                f"{name} is a dense array of shape {tuple(x.shape)} in a call with LinearLogits: "
-                f"the fused path differentiates LinearLogits only; pass the {name} as "
-                "LinearLogits too"
-            )
+    _check_members(logits, fused, trainable, names or ("logits",) * len(logits))
     static, arrays = _split(options)
 
     def dispatch(logits, rows, counted, arrays, mode=mode):
@@ -118,6 +111,17 @@ def run(
         return mapped(again, dispatch, mode=mode, fused=tuple(fused), logits=logits, rows=rows,
                       counted=counted, arrays=arrays)
     return dispatch(logits, rows, counted, arrays)
+
+
+def _check_members(logits, fused, trainable, names) -> None:
+    """Beside a ``LinearLogits``, a trained member must be one too (dense members are constants)."""
+    for x, lin, train, name in zip(logits, fused, trainable, names, strict=True):
+        if any(fused) and train and not lin:
+            raise ValueError(
+                f"{name} is a dense array of shape {tuple(x.shape)} in a call with LinearLogits: "
+                f"the fused path differentiates LinearLogits only; pass the {name} as "
+                "LinearLogits too"
+            )
 
 
 def _local(core, logits, rows, counted, *, mode, options, trainable):
