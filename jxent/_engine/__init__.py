@@ -31,7 +31,7 @@ from .._logits import LinearLogits
 from . import _loop
 from ._chunk import Dense, Linear, Rule
 from ._loop import default_chunk_size, default_precision
-from ._partition import partitioned_rules
+from ._partition import partitioned_vjps
 from ._sharding import mesh_kind, run_explicit
 from ._vmap import innermost_vmap, mapped
 
@@ -169,7 +169,7 @@ def _fused(core, logits, rows, counted, mode, options, trainable):
     if mesh_kind(members) == "auto":
         # The positions keep their axes: the partitioned ops split each as it
         # is placed (a sequence axis too) and flatten each device's block.
-        per_position, summed = partitioned_rules(tuple(chunks))
+        per_position, summed = partitioned_vjps(tuple(chunks))
         members = tuple(
             m._replace(hidden=m.hidden.reshape(x.hidden.shape)) if isinstance(x, LinearLogits)
             else Dense(m.logits.reshape(x.shape))

@@ -305,7 +305,7 @@ def cotangents(plan: Plan, members, grads, scale=None):
     return tuple(out)
 
 
-def rules(run):
+def custom_vjps(run):
     """The two ``custom_vjp``s of the engine, over ``run(kind, plan, *arrays)``.
 
     ``run`` is :func:`work` on one device (or inside ``shard_map``), or the
@@ -346,7 +346,7 @@ def rules(run):
     return positions, summed
 
 
-positions, summed = rules(work)
+positions, summed = custom_vjps(work)
 
 
 def plan_for(core, members, counted, options: dict, trainable, chunk_sizes, precision) -> Plan:

@@ -27,7 +27,7 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from ._chunk import is_linear
-from ._loop import rules, work
+from ._loop import custom_vjps, work
 from ._sharding import axis_name, fit, names
 
 
@@ -114,7 +114,7 @@ def _flat_work(kind: str, plan, npos: int, members, rows, counted, arrays, saved
     return jax.tree.map(per, out)
 
 
-def _rule(op: Op, mesh, operand_types, result_types):
+def _sharding_rule(op: Op, mesh, operand_types, result_types):
     """Shardy's rule: the positions (``n0``, ``n1``...) and ``v`` may be split; nothing else."""
     del mesh, operand_types, result_types
     join = lambda roles: ", ".join(" ".join(r) for r in roles)
@@ -221,7 +221,7 @@ def _combine(kind: str, out, pos_axes, vocab_axes):
     return out  # per-position outputs stay on their devices
 
 
-_op.def_partition(partition=_partition, sharding_rule=_rule)
+_op.def_partition(partition=_partition, sharding_rule=_sharding_rule)
 
 
 def _call(chunk_sizes, kind, plan, members, rows, counted, arrays, saved=None, ct=None):
@@ -236,6 +236,6 @@ def _call(chunk_sizes, kind, plan, members, rows, counted, arrays, saved=None, c
 
 
 @functools.cache
-def partitioned_rules(chunk_sizes: tuple):
+def partitioned_vjps(chunk_sizes: tuple):
     """The engine's two ``custom_vjp``s with every computation a partitioned op."""
-    return rules(partial(_call, chunk_sizes))
+    return custom_vjps(partial(_call, chunk_sizes))
