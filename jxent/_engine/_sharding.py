@@ -210,9 +210,8 @@ def shift_left(x, k: int, fill):
     """
     if k == 0:
         return x
-    sharding = getattr(jax.typeof(x), "sharding", None)
-    mesh = getattr(sharding, "mesh", None)
-    if x.ndim == 0 or mesh is None or mesh.empty or AxisType.Explicit not in mesh.axis_types:
+    mesh = _explicit_mesh(x)
+    if mesh is None:
         return _pad_shift(x, k, fill)
     spec = _spec(x)
     axes = names(spec[-1])
@@ -220,8 +219,7 @@ def shift_left(x, k: int, fill):
     shards = math.prod(sizes[a] for a in axes)
     block = x.shape[-1] // shards
     if shards == 1 or k > block:
-        return _pad_shift(jax.sharding.reshard(x, NamedSharding(mesh, P(*spec[:-1], None))),
-                          k, fill)
+        return _pad_shift(whole_last_axis(x), k, fill)
     axis = axis_name(axes)
 
     def per_device(b):
@@ -246,11 +244,15 @@ def whole_last_axis(x):
     evenly: a ``[..., T]`` vector of per-position values is gathered, never
     logits or hidden states.
     """
-    sharding = getattr(jax.typeof(x), "sharding", None)
-    mesh = getattr(sharding, "mesh", None)
+    mesh = _explicit_mesh(x)
+    if mesh is None or _spec(x)[-1] is None:
+        return x
+    return jax.sharding.reshard(x, NamedSharding(mesh, P(*_spec(x)[:-1], None)))
+
+
+def _explicit_mesh(x):
+    """The mesh of ``x``'s type when it has Explicit axes (None for a scalar, or no such mesh)."""
+    mesh = getattr(getattr(jax.typeof(x), "sharding", None), "mesh", None)
     if x.ndim == 0 or mesh is None or mesh.empty or AxisType.Explicit not in mesh.axis_types:
-        return x
-    spec = _spec(x)
-    if spec[-1] is None:
-        return x
-    return jax.sharding.reshard(x, NamedSharding(mesh, P(*spec[:-1], None)))
+        return None
+    return mesh
