@@ -64,35 +64,39 @@ def _xlogy(x: jax.Array, y: jax.Array) -> jax.Array:
     return jnp.where(use_log, x * jnp.log(safe_y), 0)
 
 
-def _prepare(p, q, where, axis: int | None, names=("p", "q"), q_fill: float = 1.0):
-    """Float arrays of one common (broadcast) shape, masked entries neutralised.
+def _prepare(arrays: dict, where, axis: int, *, logits: bool = False, fills=(0.0, 1.0)):
+    """``(arrays, axis, mask)``: every array check of a function on distributions, once.
 
-    Dropped entries become ``p = 0`` (and ``q = q_fill``) before any arithmetic
-    -- the double ``where`` -- and only then are the probabilities checked for
-    negative values (eager calls only), so dropped entries may hold anything.
+    ``arrays`` (``{name: array}``, one or two) become float arrays of one
+    common dtype and (broadcast) shape with at least one axis; ``axis`` is
+    normalised and ``where`` checked against that shape. Logits must be
+    floating and come back with the mask (their softmax drops entries).
+    Probabilities come back with dropped entries replaced by ``fills``
+    before any arithmetic (the double ``where``, so they may hold anything)
+    and only then are they checked to lie in ``[0, 1]`` (eager calls only).
     """
-    p = jnp.asarray(p)
-    arrays = [p] if q is None else [p, jnp.asarray(q)]
-    dtype = float_dtype(*(a.dtype for a in arrays))
-    arrays = [as_float_array(a, n, dtype) for a, n in zip(arrays, names, strict=True)]
-    shape = arrays[0].shape
-    if q is not None:
-        shape = check_broadcastable(arrays[0].shape, arrays[1].shape, *names)
-        arrays = [jnp.broadcast_to(a, shape) for a in arrays]
-    if axis is not None:
-        if len(shape) == 0:
-            raise ValueError(
-                f"{names[0]} is a scalar, but a distribution needs at least one axis; "
-                "pass a vector of probabilities"
-            )
-        axis = check_axis(axis, len(shape), arg=names[0])
+    names = tuple(arrays)
+    xs = [jnp.asarray(a) for a in arrays.values()]
+    if logits:
+        xs = [floating_array(x, n, "a floating-point array of logits")
+              for x, n in zip(xs, names, strict=True)]
+    dtype = float_dtype(*(x.dtype for x in xs))
+    xs = [as_float_array(x, n, dtype) for x, n in zip(xs, names, strict=True)]
+    shape = xs[0].shape
+    if len(xs) == 2:
+        shape = check_broadcastable(xs[0].shape, xs[1].shape, *names)
+        xs = [jnp.broadcast_to(x, shape) for x in xs]
+    if len(shape) == 0:
+        scalars = " and ".join(names) + (" are scalars" if len(xs) == 2 else " is a scalar")
+        raise ValueError(f"{scalars}; a distribution needs at least one axis (the class axis)")
+    axis = check_axis(axis, len(shape), arg=names[0])
     mask = check_where(where, shape, "where", names[0])
-    if mask is not None:
-        fills = (0.0, q_fill)
-        arrays = [jnp.where(mask, a, fill) for a, fill in zip(arrays, fills, strict=False)]
-    for a, name in zip(arrays, names, strict=False):
-        check_probabilities(a, name)
-    return arrays, axis
+    if not logits:
+        if mask is not None:
+            xs = [jnp.where(mask, x, fill) for x, fill in zip(xs, fills, strict=False)]
+        for x, name in zip(xs, names, strict=True):
+            check_probabilities(x, name)
+    return xs, axis, mask
 
 
 def information_content(
@@ -149,7 +153,7 @@ def entropy(
       0.0
     """
     log_base = check_base(base)
-    (p,), axis = _prepare(p, None, where, axis, names=("p",))
+    (p,), axis, _ = _prepare({"p": p}, where, axis)
     return to_base(nonnegative(-jnp.sum(_xlogy(p, p), axis=axis)), log_base)
 
 
@@ -184,7 +188,7 @@ def cross_entropy(
       0.693
     """
     log_base = check_base(base)
-    (p, q), axis = _prepare(p, q, where, axis)
+    (p, q), axis, _ = _prepare({"p": p, "q": q}, where, axis)
     return to_base(-jnp.sum(_xlogy(p, q), axis=axis), log_base)
 
 
@@ -221,7 +225,7 @@ def kl_divergence(
       0.3681
     """
     log_base = check_base(base)
-    (p, q), axis = _prepare(p, q, where, axis)
+    (p, q), axis, _ = _prepare({"p": p, "q": q}, where, axis)
     return to_base(nonnegative(jnp.sum(_xlogy(p, p) - _xlogy(p, q), axis=axis)), log_base)
 
 
@@ -254,7 +258,7 @@ def js_divergence(
       1.0
     """
     log_base = check_base(base)
-    (p, q), axis = _prepare(p, q, where, axis, q_fill=0.0)
+    (p, q), axis, _ = _prepare({"p": p, "q": q}, where, axis, fills=(0.0, 0.0))
     m = 0.5 * (p + q)
     terms = 0.5 * (_xlogy(p, p) - _xlogy(p, m) + _xlogy(q, q) - _xlogy(q, m))
     return to_base(nonnegative(jnp.sum(terms, axis=axis)), log_base)
@@ -290,11 +294,6 @@ def _centred(logits: jax.Array, mask: jax.Array | None, axis: int) -> _Centred:
     return _Centred(usable, safe, top, centred, exp, total)
 
 
-def _logits(x, name: str, dtype=None) -> jax.Array:
-    x = floating_array(x, name, "a floating-point array of logits")
-    return x.astype(dtype or float_dtype(x.dtype))
-
-
 def entropy_from_logits(
     logits: Float[ArrayLike, "*batch classes"],
     *,
@@ -326,11 +325,7 @@ def entropy_from_logits(
       0.0
     """
     log_base = check_base(base)
-    logits = _logits(logits, "logits")
-    if logits.ndim == 0:
-        raise ValueError("logits is a scalar; a distribution needs a class axis")
-    axis = check_axis(axis, logits.ndim)
-    mask = check_where(where, logits.shape, "where", "logits")
+    (logits,), axis, mask = _prepare({"logits": logits}, where, axis, logits=True)
     c = _centred(logits, mask, axis)
     log_total, mean = entropy_parts(c.exp, c.total, c.centred, lambda v: jnp.sum(v, axis=axis))
     return to_base(nonnegative(log_total - mean), log_base)
@@ -371,18 +366,9 @@ def kl_divergence_from_logits(
       0.0
     """
     log_base = check_base(base)
-    p_logits = jnp.asarray(p_logits)
-    q_logits = jnp.asarray(q_logits)
-    dtype = float_dtype(p_logits.dtype, q_logits.dtype)
-    p_logits = _logits(p_logits, "p_logits", dtype)
-    q_logits = _logits(q_logits, "q_logits", dtype)
-    shape = check_broadcastable(p_logits.shape, q_logits.shape, "p_logits", "q_logits")
-    if len(shape) == 0:
-        raise ValueError("p_logits and q_logits are scalars; a distribution needs a class axis")
-    p_logits = jnp.broadcast_to(p_logits, shape)
-    q_logits = jnp.broadcast_to(q_logits, shape)
-    axis = check_axis(axis, len(shape), arg="p_logits")
-    mask = check_where(where, shape, "where", "p_logits")
+    (p_logits, q_logits), axis, mask = _prepare(
+        {"p_logits": p_logits, "q_logits": q_logits}, where, axis, logits=True
+    )
     p, q = _centred(p_logits, mask, axis), _centred(q_logits, mask, axis)
     # A class contributes p_c (log p_c − log q_c) only where p_c > 0 (an
     # underflowed p_c = 0, e.g. at a -1e9 mask logit, is 0 · anything = 0).
