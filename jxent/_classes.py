@@ -12,13 +12,12 @@ per-position maximum, positions not counted zeroed before any arithmetic.
 from __future__ import annotations
 
 import jax.numpy as jnp
-import numpy as np
 from jaxtyping import Array, ArrayLike, Bool, Float, Int
 
-from ._checks import float_dtype, in_class_range, integer_ids, is_concrete
+from ._checks import float_dtype
 from ._engine import run
-from ._options import parse_temperature
-from ._positions import as_logits, position_mask
+from ._options import token_options
+from ._positions import chosen_ids
 from ._rows import centred_logits, log_normaliser
 from ._vocab import ClassOps
 
@@ -35,30 +34,6 @@ def _class_core(logits, index, counted, *, temperature, vocab_axis_name):
     log_total = log_normaliser(d, ops.sum)
     out = ops.gather(d, index, fill=jnp.nan) - log_total[..., None]
     return jnp.where(keep, out, 0)
-
-
-def _ids(ids, position_shape: tuple, num_classes: int, check: bool):
-    """``ids`` checked, broadcast to ``positions + (k,)``, int32; out of range: ``num_classes``."""
-    ids = integer_ids(ids, "ids", "class_log_probs")
-    if ids.ndim == 1:
-        ids = jnp.broadcast_to(ids, tuple(position_shape) + ids.shape)
-    elif ids.shape[:-1] != tuple(position_shape):
-        raise ValueError(
-            f"ids has shape {ids.shape} but logits have positions {tuple(position_shape)}; "
-            f"expected {tuple(position_shape)} + (k,) (ids per position) or (k,) (shared)"
-        )
-    if ids.shape[-1] == 0:
-        raise ValueError(f"ids has shape {ids.shape}: k = 0 classes chosen")
-    ok = in_class_range(ids, num_classes)
-    if check and is_concrete(ids, ok) and not np.all(np.asarray(ok)):
-        bad = ~np.asarray(ok)
-        at = tuple(int(i) for i in np.argwhere(bad)[0])
-        raise ValueError(
-            f"ids must be class indices in [0, {num_classes}); got "
-            f"{int(np.asarray(ids)[bad].ravel()[0])} at {at} ({int(bad.sum())} out-of-range "
-            "id(s) in all)"
-        )
-    return jnp.where(ok, jnp.where(ok, ids, 0).astype(jnp.int32), jnp.int32(num_classes))
 
 
 def class_log_probs(
@@ -105,16 +80,9 @@ def class_log_probs(
       Array([[-0.6931..., -1.3862...],
              [-2.3025..., -0.2231...]], dtype=float32)
     """
-    temperature = parse_temperature(temperature)
-    logits = as_logits(logits)
-    position_shape = tuple(logits.shape[:-1])
-    num_classes = ClassOps(-1, vocab_axis_name, logits.shape[-1]).num_classes
-    index = _ids(ids, position_shape, num_classes, vocab_axis_name is None)
-    counted = position_mask(
-        where, position_shape,
-        "logits have positions {} (logits.shape[:-1]); where marks whole positions",
-    )
+    options = token_options("class_log_probs", temperature=temperature)
+    logits, positions = chosen_ids(logits, ids, where=where, vocab_axis_name=vocab_axis_name)
     return run(
-        _class_core, (logits,), index, counted, mode="positions",
-        options=dict(temperature=temperature, vocab_axis_name=vocab_axis_name),
+        _class_core, (logits,), positions.targets, positions.counted, mode="positions",
+        options=dict(temperature=options.temperature, vocab_axis_name=vocab_axis_name),
     )

@@ -27,10 +27,10 @@ from ._options import (
     parse_shift,
     parse_topk_mode,
 )
-from ._positions import as_logits, token_targets
+from ._positions import teacher_rows, token_targets
 from ._reduce import needs_sums, reduce
 from ._rows import centred_logits, hard_cross_entropy, kl_row, scaled
-from ._topk import TopK, stored_rows, topk_core
+from ._topk import TopK, topk_core
 from ._vocab import ClassOps
 
 __all__ = ["distillation_loss"]
@@ -267,46 +267,19 @@ def distillation_loss(
         function="distillation_loss", vocab_axis_name=vocab_axis_name,
         segment_ids=segment_ids, name="targets", logits_name="student_logits", sequence=False,
     )
-    teacher = _teacher(teacher_logits, student)
+    teacher = teacher_rows(teacher_logits, student, positions, vocab_axis_name)
     mode = "sum" if needs_sums(reduction) else "positions"
-    if isinstance(teacher, TopK):
-        loss, weight = _against_stored(
-            student, teacher, positions, options, topk_mode, mode, vocab_axis_name
+    engine_options = dict(options._asdict(), vocab_axis_name=vocab_axis_name)
+    if isinstance(teacher_logits, TopK):  # the teacher's ids are per-position rows
+        loss, weight = run(
+            topk_core, (student,), teacher, positions.counted, mode=mode,
+            options=dict(engine_options, topk_mode=topk_mode), names=("student",),
         )
     else:
         loss, weight = run(
             distillation_core, (student, teacher), positions.targets, positions.counted, mode=mode,
-            options=dict(options._asdict(), vocab_axis_name=vocab_axis_name),
-            trainable=(True, False), names=("student", "teacher"),
+            options=engine_options, trainable=(True, False), names=("student", "teacher"),
         )
     if reduction == "none":
         loss = positions.trim(loss)
     return reduce(loss, weight, reduction)
-
-
-def _teacher(teacher_logits, student):
-    """Dense or fused teacher logits checked against the student's shape; a TopK as it is."""
-    if isinstance(teacher_logits, TopK):
-        return teacher_logits  # checked against the positions by stored_rows
-    teacher = as_logits(teacher_logits, "teacher_logits")
-    if tuple(teacher.shape) != tuple(student.shape):
-        raise ValueError(
-            f"teacher_logits has shape {tuple(teacher.shape)} but student_logits has shape "
-            f"{tuple(student.shape)}; both are [..., V] over the same positions and vocabulary"
-        )
-    return teacher
-
-
-def _against_stored(student, teacher: TopK, positions, options, topk_mode, mode,
-                    vocab_axis_name):
-    """The engine step with a :class:`TopK` teacher: its ids are per-position rows."""
-    num_classes = ClassOps(-1, vocab_axis_name, student.shape[-1]).num_classes
-    index, log_probs, bad = stored_rows(
-        teacher, student.shape[:-1], positions.counted, num_classes, vocab_axis_name is None
-    )
-    return run(
-        topk_core, (student,), (index, log_probs, bad, positions.targets), positions.counted,
-        mode=mode,
-        options=dict(options._asdict(), topk_mode=topk_mode, vocab_axis_name=vocab_axis_name),
-        names=("student",),
-    )

@@ -20,7 +20,7 @@ the option. Per-token ``weights`` are checked the same way, entry by entry
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any, NamedTuple
 
 import jax
@@ -279,6 +279,36 @@ def loss_options(*, label_smoothing, z_loss, logit_softcap) -> LossOptions:
         label_smoothing=fraction(label_smoothing, "label_smoothing"),
         z_loss=nonnegative_float(z_loss, "z_loss"),
         logit_softcap=parse_softcap(logit_softcap),
+    )
+
+
+class TokenOptions(NamedTuple):
+    """Validated options of ``token_stats``, ``token_objective`` and ``class_log_probs``.
+
+    ``temperature`` may be a traced scalar; ``shift`` is 0 for ``class_log_probs``;
+    ``fn`` is ``token_objective``'s function of the statistics (None for the others).
+    """
+
+    temperature: Any
+    shift: int = 0
+    fn: Callable | None = None
+
+
+_NO_FN = object()
+
+
+def token_options(function: str, *, temperature, shift=False, fn=_NO_FN) -> TokenOptions:
+    """The options of the token functions, validated once (``fn`` when ``function`` takes one).
+
+    ``fn`` is checked only to be callable here; what it returns, one float per
+    position, is checked on shapes with the positions (``_positions.objective_rows``).
+    """
+    if fn is not _NO_FN and not callable(fn):
+        raise TypeError(f"fn must be a function of (stats, *args), got {type(fn).__name__}")
+    return TokenOptions(
+        temperature=parse_temperature(temperature),
+        shift=parse_shift(shift, function),
+        fn=None if fn is _NO_FN else fn,
     )
 
 

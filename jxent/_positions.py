@@ -2,10 +2,16 @@
 
 Here, once per call, targets are lined up with the positions that predict
 them: ``shift``, masks (``where``, ``ignore_index``, ``segment_ids``), token
-weights, range checks and every shape error. The result is a
+weights, range checks and every shape error. The builders are
+:func:`class_targets` (``softmax_cross_entropy``), :func:`token_targets`
+(the token functions) and :func:`chosen_ids` (``class_log_probs``), with
+two builders of rows that need the positions first: :func:`teacher_rows`
+(a distillation teacher, dense or stored) and :func:`objective_rows`
+(``token_objective``'s ``args`` and ``fn``). The result is a
 :class:`Positions` record whose arrays all have the logits' positions shape
 (``logits.shape[:-1]``, or without ``axis``); the cores downstream hold math
-only and never check anything.
+only and never check anything. The value checks they share live in
+``jxent._checks``.
 
 A shift of ``k`` moves the *targets*, not the logits: position ``t`` is scored
 against ``tokens[..., t + k]`` and the last ``k`` positions are not counted.
@@ -25,16 +31,24 @@ from ._checks import (
     as_integer_ids,
     boolean_mask,
     check_axis,
+    check_class_range,
+    class_index,
+    class_weight_array,
     float_dtype,
     float_logits,
     in_class_range,
     integer_ids,
     is_concrete,
+    one_value_per_position,
+    position_array,
+    predicted_args,
+    stored_entries,
     target_shape_error,
 )
 from ._engine._sharding import shift_left, whole_last_axis
 from ._logits import LinearLogits
 from ._options import nan_if_invalid, static_int
+from ._topk import TopK
 from ._vocab import ClassOps
 
 
@@ -44,7 +58,8 @@ class Positions(NamedTuple):
     Attributes:
       targets: int32 ``[P]``: the class id where counted and in range,
         ``num_classes`` where counted and out of range (the cores give NaN),
-        0 elsewhere; or floating probability targets ``[P..., V]``; or None.
+        0 elsewhere; or floating probability targets ``[P..., V]``; or int32
+        ``[P, k]`` chosen ids (:func:`chosen_ids`); or None.
       counted: bool ``[P]``.
       weights: float ``[P]`` per-token weights, 0 where not counted; or None.
       segments: int ``[P]`` the document id of each predicting position; or None.
@@ -97,19 +112,8 @@ def position_mask(where: Any, shape: tuple[int, ...], marks: str) -> jax.Array:
 
 def _class_weights(weights: Any, logits, num_local: int, sharded: bool) -> jax.Array | None:
     """``class_weights`` as a ``[V]`` real array (this shard's ``[V / k]`` when sharded)."""
-    if weights is None:
-        return None
     of = "kernel" if isinstance(logits, LinearLogits) else "logits"
-    w = jnp.asarray(weights)
-    if not (jnp.issubdtype(w.dtype, jnp.floating) or jnp.issubdtype(w.dtype, jnp.integer)):
-        raise TypeError(f"class_weights must be a real array, got dtype {w.dtype}")
-    what = f"this shard of {of}" if sharded else of
-    if w.shape != (num_local,):
-        raise ValueError(
-            f"class_weights has shape {w.shape} but {what} has {num_local} classes; "
-            f"expected ({num_local},)"
-        )
-    return w
+    return class_weight_array(weights, num_local, f"this shard of {of}" if sharded else of)
 
 
 def _class_index(targets, counted, num_classes: int, ignore_index, check: bool, name: str):
@@ -125,20 +129,9 @@ def _class_index(targets, counted, num_classes: int, ignore_index, check: bool, 
     if ignore_index is not None and info.min <= ignore_index <= info.max:
         counted = counted & (targets != jnp.asarray(ignore_index, targets.dtype))
     in_range = in_class_range(targets, num_classes)
-    if check and is_concrete(targets, counted):
-        bad = np.asarray(counted) & ~np.asarray(in_range)
-        if bad.any():
-            values = np.asarray(targets)[bad]
-            hint = "" if ignore_index is None else f" or ignore_index={ignore_index}"
-            raise ValueError(
-                f"{name} must be class indices in [0, {num_classes}){hint}; got "
-                f"{int(values.ravel()[0])} at position "
-                f"{tuple(int(i) for i in np.argwhere(bad)[0])} ({int(bad.sum())} "
-                "out-of-range target(s) in all)"
-            )
-    index = jnp.where(in_range, targets, 0).astype(jnp.int32)
-    index = jnp.where(in_range, index, jnp.int32(num_classes))
-    return jnp.where(counted, index, 0), counted
+    hint = "" if ignore_index is None else f" or ignore_index={ignore_index}"
+    check_class_range(targets, in_range, counted, num_classes, name, check=check, hint=hint)
+    return jnp.where(counted, class_index(targets, in_range, num_classes), 0), counted
 
 
 def _num_classes(num_local: int, vocab_axis_name) -> int:
@@ -233,24 +226,9 @@ def class_targets(logits, targets, *, axis, where, ignore_index, class_weights, 
 # --------------------------------------------------------------------------- tokens
 
 
-def _position_array(x, shape, name: str, kind: str, function: str):
-    if x is None:
-        return None
-    x = as_integer_ids(x, name) if kind == "integer" else jnp.asarray(x)
-    ok = jnp.issubdtype(x.dtype, jnp.integer if kind == "integer" else jnp.floating)
-    if not ok:
-        raise TypeError(f"{function}: {name} must be {kind} [..., T], got dtype {x.dtype}")
-    if x.shape != tuple(shape):
-        raise ValueError(
-            f"{name} has shape {x.shape} but tokens has shape {tuple(shape)}; {name} "
-            "marks token positions [..., T]"
-        )
-    return x
-
-
 def _token_weights(weights, shape, function: str):
     """``weights [..., T]`` checked: finite and ``>= 0`` (NaN under ``jit`` where not)."""
-    weights = _position_array(weights, shape, "weights", "floating", function)
+    weights = position_array(weights, shape, "weights", "floating", function)
     if weights is None:
         return None
     requirement = "weights must be finite and >= 0"
@@ -325,7 +303,7 @@ def token_targets(
             where, position_shape,
             "tokens has shape {}; the loss mask marks token positions [..., T]",
         )
-    segment_ids = _position_array(segment_ids, position_shape, "segment_ids", "integer", function)
+    segment_ids = position_array(segment_ids, position_shape, "segment_ids", "integer", function)
     weights = _token_weights(weights, position_shape, function)
     counted, length = _predicting(position_shape, shift, where, segment_ids)
     index = None
@@ -344,41 +322,77 @@ def token_targets(
                              class_weights=class_weights)
 
 
-def position_args(args: tuple, positions: Positions, shift: int):
-    """``token_objective``'s ``args`` broadcast to the predicted positions.
+def chosen_ids(logits, ids, *, where, vocab_axis_name):
+    """``class_log_probs``' positions: ``(logits, Positions)`` with ``k`` ids per position.
 
-    Each argument is aligned with the predicted positions, the shape
-    ``token_stats`` returns (``[..., T − k]``): it has that rank, with
-    size-1 axes broadcasting (``[B, 1]`` per sequence, ``[1, T − k]`` per
-    position), or is a scalar.
+    ``Positions.targets`` is int32 ``[P, k]``: the ids, broadcast from ``[k]``
+    when shared, ``num_classes`` for an id out of range (a ``ValueError`` in an
+    eager call on one device; NaN from the fill gather otherwise). Every
+    array check of the call is here: the logits, ``ids`` and ``where``.
+    """
+    logits = as_logits(logits)
+    position_shape = tuple(logits.shape[:-1])
+    num_classes = _num_classes(logits.shape[-1], vocab_axis_name)
+    ids = integer_ids(ids, "ids", "class_log_probs")
+    if ids.ndim == 1:
+        ids = jnp.broadcast_to(ids, position_shape + ids.shape)
+    elif ids.shape[:-1] != position_shape:
+        raise ValueError(
+            f"ids has shape {ids.shape} but logits have positions {position_shape}; "
+            f"expected {position_shape} + (k,) (ids per position) or (k,) (shared)"
+        )
+    if ids.shape[-1] == 0:
+        raise ValueError(f"ids has shape {ids.shape}: k = 0 classes chosen")
+    in_range = in_class_range(ids, num_classes)
+    check_class_range(ids, in_range, None, num_classes, "ids", check=vocab_axis_name is None,
+                      noun="id(s)")
+    counted = position_mask(
+        where, position_shape,
+        "logits have positions {} (logits.shape[:-1]); where marks whole positions",
+    )
+    return logits, Positions(class_index(ids, in_range, num_classes), counted)
+
+
+def teacher_rows(teacher, student, positions: Positions, vocab_axis_name):
+    """``distillation_loss``'s teacher, checked against the student's positions.
+
+    Dense or fused teacher logits come back as they are, checked (the
+    student's shape); a :class:`~jxent.TopK` as the core's rows ``(index,
+    log_probs, bad, targets)`` (``_checks.stored_entries``: its ids as a gather
+    index, and the counted positions whose entries are invalid).
+    """
+    position_shape = tuple(student.shape[:-1])
+    if isinstance(teacher, TopK):
+        if teacher.shape[:-1] != position_shape:
+            raise ValueError(
+                f"teacher (TopK) has ids of shape {teacher.shape} but the student's logits "
+                f"have positions {position_shape}; expected {position_shape + (teacher.k,)} "
+                "(aligned with the student's logits, as a dense teacher's would be)"
+            )
+        index, log_probs, bad = stored_entries(
+            teacher.ids, teacher.log_probs, positions.counted,
+            _num_classes(student.shape[-1], vocab_axis_name), vocab_axis_name is None,
+        )
+        return index, log_probs, bad, positions.targets
+    teacher = as_logits(teacher, "teacher_logits")
+    if tuple(teacher.shape) != tuple(student.shape):
+        raise ValueError(
+            f"teacher_logits has shape {tuple(teacher.shape)} but student_logits has shape "
+            f"{tuple(student.shape)}; both are [..., V] over the same positions and vocabulary"
+        )
+    return teacher
+
+
+def objective_rows(fn, args, logits, positions: Positions, shift: int, stats_like):
+    """``token_objective``'s rows ``(targets, args)``, ``args`` padded back to ``[..., T]``.
+
+    ``args`` are checked and broadcast to the predicted positions ``[..., T − k]``
+    (``_checks.predicted_args``), and ``fn``'s output on them is checked on shapes:
+    one float per position. ``stats_like(shape, dtype)`` gives what ``fn`` is
+    called on, as shapes.
     """
     shape = tuple(positions.counted.shape)
-    trimmed = shape[:-1] + (positions.length,) if positions.length is not None else shape
-    out = []
-    for k, a in enumerate(args):
-        a = jax.lax.stop_gradient(jnp.asarray(a))
-        if a.ndim and (a.ndim != len(trimmed) or not _broadcasts(a.shape, trimmed)):
-            if shift and a.shape == shape:
-                hint = (
-                    f": that is the tokens' shape, but with shift={shift} args are aligned "
-                    f"with the predicted positions (what token_stats returns); pass "
-                    f"args[{k}][..., {shift}:] for values that belong to the target tokens, "
-                    f"or args[{k}][..., :-{shift}] for values of the predicting positions"
-                )
-            elif a.ndim != len(trimmed):
-                hint = (
-                    f": give it the positions' rank {len(trimmed)} (e.g. a[:, None] for one "
-                    "value per sequence) or pass a scalar"
-                )
-            else:
-                hint = ""
-            raise ValueError(
-                f"args[{k}] has shape {a.shape}, which does not broadcast to the predicted "
-                f"positions {trimmed}{hint}"
-            )
-        out.append(jnp.broadcast_to(a, trimmed))
-    return tuple(out)
-
-
-def _broadcasts(shape, to) -> bool:
-    return all(a in (1, b) for a, b in zip(shape, to, strict=True))
+    predicted = shape[:-1] + (positions.length,) if positions.length is not None else shape
+    args = predicted_args(args, shape, predicted, shift)
+    one_value_per_position(fn, stats_like(predicted, float_dtype(logits.dtype)), args, predicted)
+    return positions.targets, tuple(positions.untrim(a) for a in args)

@@ -31,8 +31,8 @@ from jaxtyping import Array, ArrayLike, Bool, Float, Int
 from ._checks import float_dtype
 from ._engine import Rule, run
 from ._numerics import nonnegative
-from ._options import REQUIRED, parse_shift, parse_temperature
-from ._positions import position_args, token_targets
+from ._options import REQUIRED, token_options
+from ._positions import objective_rows, token_targets
 from ._rows import centred_logits, entropy_parts, scaled
 from ._vocab import ClassOps
 
@@ -215,15 +215,14 @@ def token_stats(
       >>> stats.argmax
       Array([[0, 0]], dtype=int32)
     """
-    temperature = parse_temperature(temperature)
-    k = parse_shift(shift, "token_stats")
+    options = token_options("token_stats", temperature=temperature, shift=shift)
     logits, positions = token_targets(
-        logits, tokens, shift=k, where=where, ignore_index=ignore_index, function="token_stats",
-        vocab_axis_name=vocab_axis_name, segment_ids=segment_ids,
+        logits, tokens, shift=options.shift, where=where, ignore_index=ignore_index,
+        function="token_stats", vocab_axis_name=vocab_axis_name, segment_ids=segment_ids,
     )
     out = run(
         _stats_core, (logits,), positions.targets, positions.counted, mode="positions",
-        options=dict(temperature=temperature, vocab_axis_name=vocab_axis_name),
+        options=dict(temperature=options.temperature, vocab_axis_name=vocab_axis_name),
     )
     return positions.trim(out)
 
@@ -296,36 +295,22 @@ def token_objective(
       ...     shift=False, args=(advantages,))
       Array(-0.4749..., dtype=float32)
     """
-    if not callable(fn):
-        raise TypeError(f"fn must be a function of (stats, *args), got {type(fn).__name__}")
-    if not isinstance(args, tuple):
-        raise TypeError(f"args must be a tuple of arrays, got {type(args).__name__}")
-    temperature = parse_temperature(temperature)
-    k = parse_shift(shift, "token_objective")
+    options = token_options("token_objective", temperature=temperature, shift=shift, fn=fn)
     logits, positions = token_targets(
-        logits, tokens, shift=k, where=where, ignore_index=ignore_index,
+        logits, tokens, shift=options.shift, where=where, ignore_index=ignore_index,
         function="token_objective", vocab_axis_name=vocab_axis_name, segment_ids=segment_ids,
     )
-    args = position_args(args, positions, k)
-    _check_objective(fn, positions.trim(positions.counted).shape, float_dtype(logits.dtype), args)
-    args = tuple(positions.untrim(a) for a in args)
+    rows = objective_rows(options.fn, args, logits, positions, options.shift, _stats_like)
     total, _ = run(
-        _objective_core, (logits,), (positions.targets, args), positions.counted, mode="sum",
-        options=dict(fn=fn, temperature=temperature, vocab_axis_name=vocab_axis_name),
+        _objective_core, (logits,), rows, positions.counted, mode="sum",
+        options=dict(fn=options.fn, temperature=options.temperature,
+                     vocab_axis_name=vocab_axis_name),
     )
     return total
 
 
-def _check_objective(fn, positions, dtype, args) -> None:
-    """``fn`` must return one float per position: checked on shapes, nothing is run."""
-    vector = jax.ShapeDtypeStruct(positions, dtype)
-    stats = TokenStats(vector, vector, vector, jax.ShapeDtypeStruct(positions, jnp.bool_),
-                       jax.ShapeDtypeStruct(positions, jnp.int32))
-    out = jax.eval_shape(fn, stats, *args)
-    shape, out_dtype = getattr(out, "shape", None), getattr(out, "dtype", None)
-    if shape != tuple(positions) or not jnp.issubdtype(out_dtype, jnp.floating):
-        raise ValueError(
-            f"fn(stats, *args) must return a float array of the positions' shape "
-            f"{tuple(positions)} (one value per position), got "
-            f"{out if shape is None else f'shape {shape}, dtype {out_dtype}'}"
-        )
+def _stats_like(shape: tuple, dtype) -> TokenStats:
+    """:class:`TokenStats` as ``jax.ShapeDtypeStruct`` s: what ``fn`` is checked on."""
+    vector = jax.ShapeDtypeStruct(shape, dtype)
+    return TokenStats(vector, vector, vector, jax.ShapeDtypeStruct(shape, jnp.bool_),
+                      jax.ShapeDtypeStruct(shape, jnp.int32))

@@ -2,10 +2,11 @@
 
 :class:`TopK` holds, per position, ``k`` class ids and the teacher's
 log-probabilities of them (normalised over its full vocabulary); an entry at
-``−inf`` is padding. :func:`stored_rows` is its positions step (the checks,
-and the gather index); :func:`topk_core` the per-position core the engine
-runs on the student's logits (dense, or ``[C, V]`` chunks of
-``LinearLogits``), with the ids as per-position rows.
+``−inf`` is padding. Its positions step (the checks against the student's
+positions, and the gather index) is ``jxent._positions.teacher_rows``;
+:func:`topk_core` is the per-position core the engine runs on the student's
+logits (dense, or ``[C, V]`` chunks of ``LinearLogits``), with the ids as
+per-position rows.
 
 Two ways to compare the student with k stored classes:
 
@@ -25,20 +26,15 @@ import math
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from jaxtyping import ArrayLike, Float, Int
 
-from ._checks import float_dtype, floating_array, in_class_range, integer_ids, is_concrete
+from ._checks import float_dtype, floating_array, integer_ids
 from ._numerics import nonnegative
 from ._options import is_static, parse_temperature
 from ._rows import centred_logits, hard_cross_entropy, scaled
 from ._vocab import ClassOps
 
-__all__ = ["TopK", "stored_rows", "topk_core", "bucket_divergence"]
-
-# Σ exp(log_probs) may exceed 1 by this much (rounding of stored log-probs) before it is an error.
-MASS_TOLERANCE = 1e-3
-
+__all__ = ["TopK", "topk_core", "bucket_divergence"]
 
 @jax.tree_util.register_pytree_node_class
 class TopK:
@@ -115,64 +111,6 @@ class TopK:
         return f"TopK(ids={self.shape} {self.ids.dtype}, log_probs={self.log_probs.dtype})"
 
 
-# --------------------------------------------------------------------------- positions
-
-
-def _first_bad(bad, what: str, teacher: TopK, position_shape) -> ValueError:
-    where = tuple(int(i) for i in np.argwhere(np.asarray(bad))[0])
-    ids = np.asarray(teacher.ids)[where].tolist()
-    lp = np.round(np.asarray(teacher.log_probs, np.float64)[where], 4).tolist()
-    return ValueError(
-        f"teacher (TopK) {what} at position {where} of {tuple(position_shape)} (ids {ids}, "
-        f"log_probs {lp}; {int(np.sum(bad))} such position(s) in all); entries at -inf "
-        "log-prob are padding"
-    )
-
-
-def stored_rows(teacher: TopK, position_shape: tuple, counted, num_classes: int, check: bool):
-    """``(index, log_probs, bad)``: a stored teacher checked and turned into the core's rows.
-
-    ``index`` int32 ``[P, k]``: the id of each finite entry, ``num_classes``
-    for a finite entry out of range (a fill gather: NaN, reported by
-    ``checkify`` index checks), 0 for padding. ``bad`` ``[P]``: counted
-    positions with an id out of range, duplicate finite ids, or stored mass
-    above ``1 + 1e-3``; ``ValueError`` for them when ``check`` and concrete.
-    """
-    if not isinstance(teacher, TopK):
-        raise TypeError(f"teacher must be a TopK, got {type(teacher).__name__}")
-    if teacher.shape[:-1] != tuple(position_shape):
-        raise ValueError(
-            f"teacher (TopK) has ids of shape {teacher.shape} but the student's logits have "
-            f"positions {tuple(position_shape)}; expected {tuple(position_shape) + (teacher.k,)} "
-            "(aligned with the student's logits, as a dense teacher's would be)"
-        )
-    ids, log_probs = teacher.ids, jax.lax.stop_gradient(teacher.log_probs)
-    finite = log_probs != -jnp.inf  # NaN is an entry (it propagates), −inf is padding
-    in_range = in_class_range(ids, num_classes)
-    valid = finite & in_range
-    safe = jnp.where(valid, ids, 0).astype(jnp.int32)
-    index = jnp.where(finite & ~in_range, jnp.int32(num_classes), safe)
-    # Duplicates: sort the finite in-range ids; every other entry gets its own negative key.
-    key = jnp.where(valid, safe, -1 - jnp.arange(teacher.k, dtype=jnp.int32))
-    key = jnp.sort(key, axis=-1)
-    dup = jnp.any(key[..., 1:] == key[..., :-1], axis=-1)
-    oob = jnp.any(finite & ~in_range, axis=-1)
-    lp = log_probs.astype(float_dtype(log_probs.dtype))
-    mass = jax.nn.logsumexp(jnp.where(finite, lp, -jnp.inf), axis=-1)
-    over = mass > math.log1p(MASS_TOLERANCE)
-    if check and is_concrete(counted, oob, dup, over, mass):
-        for bad, what in (
-            (oob, f"has an id outside [0, {num_classes})"),
-            (dup, "stores the same id twice"),
-            (over, f"stores more than probability 1 + {MASS_TOLERANCE} (Σ exp(log_probs) = "
-                   f"{float(np.exp(np.max(np.where(np.asarray(counted), mass, -np.inf)))):.6g})"),
-        ):
-            bad = np.asarray(counted) & np.asarray(bad)
-            if bad.any():
-                raise _first_bad(bad, what, teacher, position_shape)
-    return index, lp, counted & (oob | dup | over)
-
-
 # --------------------------------------------------------------------------- divergences
 
 
@@ -229,8 +167,8 @@ def topk_core(logits, rows, counted, *, topk_mode, divergence, beta, temperature
               vocab_axis_name):
     """``(loss, weight)`` per position of a student against a stored teacher (math only).
 
-    ``rows = (index, log_probs, bad, targets)`` from :func:`stored_rows` and
-    the positions step; positions outside ``counted`` give 0 with zero
+    ``rows = (index, log_probs, bad, targets)`` from the positions step
+    (``jxent._positions.teacher_rows``); positions outside ``counted`` give 0 with zero
     gradient, ``bad`` ones NaN (made by a ``log``, so ``checkify`` sees it).
     """
     (student,) = logits
