@@ -5,7 +5,8 @@ private name imported across modules; the dense-or-fused choice
 (``isinstance(..., LinearLogits)``) made in at most two modules (the
 positions step, which validates, and the engine, which dispatches); every
 public function on logits calls, in order, the options parsers, a positions
-builder, the engine's ``run`` and (the losses) ``reduce`` (README's structure).
+builder, the engine's ``run`` and (the losses) ``reduce`` (README's structure),
+and checks nothing itself (every check is in the options or positions step).
 """
 
 import ast
@@ -186,3 +187,31 @@ def test_every_public_function_on_logits_reads_as_four_steps():
     on_logits = {n for n in public if n[0].islower() and n.endswith(("_stats", "_nll", "_loss",
                                                                       "_objective", "_probs"))}
     assert on_logits <= listed | {"linear_cross_entropy"}, on_logits - listed
+
+
+def _bodies(mods, functions, module: str, node, depth: int = 0):
+    """``node`` and the functions of its own module it calls (as ``_steps`` follows them)."""
+    yield node
+    for call in ast.walk(node):
+        if isinstance(call, ast.Call) and isinstance(call.func, ast.Name) and depth < 3:
+            if (module, call.func.id) in functions and call.func.id not in _origin(mods, module):
+                yield from _bodies(mods, functions, module, functions[module, call.func.id],
+                                   depth + 1)
+
+
+def test_the_public_functions_on_logits_check_nothing_themselves():
+    """Every check is in a step (issue 29.1): a public function on logits, and its module's
+    helpers it calls, raise nothing and call no ``_checks`` function directly."""
+    mods = modules()
+    functions = _functions(mods)
+    for module, names in FOUR_STEPS.items():
+        origin = _origin(mods, module)
+        for name in names:
+            for body in _bodies(mods, functions, module, functions[module, name]):
+                raises = [n.lineno for n in ast.walk(body) if isinstance(n, ast.Raise)]
+                checks = sorted({
+                    n.func.id for n in ast.walk(body)
+                    if isinstance(n, ast.Call) and isinstance(n.func, ast.Name)
+                    and origin.get(n.func.id) == "jxent._checks" and n.func.id != "float_dtype"
+                })
+                assert not raises and not checks, (name, body.name, raises, checks)
