@@ -19,14 +19,7 @@ from jaxtyping import Array, ArrayLike, Bool, Float, Int
 from ._checks import float_dtype
 from ._engine import run
 from ._numerics import nonnegative
-from ._options import (
-    REQUIRED,
-    distillation_options,
-    is_static,
-    parse_reduction,
-    parse_shift,
-    parse_topk_mode,
-)
+from ._options import REQUIRED, distillation_options, is_static
 from ._positions import teacher_rows, token_targets
 from ._reduce import needs_sums, reduce
 from ._rows import centred_logits, hard_cross_entropy, kl_row, scaled
@@ -256,30 +249,30 @@ def distillation_loss(
       >>> jxent.distillation_loss(student, top1, shift=False, reduction="none")
       Array([0.       , 0.3680...], dtype=float32)
     """
-    reduction = parse_reduction(reduction)
-    k = parse_shift(shift, "distillation_loss")
     options = distillation_options(
-        divergence, beta, temperature, hard_weight, has_targets=targets is not None
+        reduction=reduction, shift=shift, divergence=divergence, beta=beta,
+        temperature=temperature, hard_weight=hard_weight, topk_mode=topk_mode,
+        ignore_index=ignore_index, has_targets=targets is not None,
     )
-    topk_mode = parse_topk_mode(topk_mode)  # checked for every teacher, used by a TopK
     student, positions = token_targets(
-        student_logits, targets, shift=k, where=where, ignore_index=ignore_index,
-        function="distillation_loss", vocab_axis_name=vocab_axis_name,
-        segment_ids=segment_ids, name="targets", logits_name="student_logits", sequence=False,
+        student_logits, targets, shift=options.shift, where=where,
+        ignore_index=options.ignore_index, function="distillation_loss",
+        vocab_axis_name=vocab_axis_name, segment_ids=segment_ids, name="targets",
+        logits_name="student_logits", sequence=False,
     )
     teacher = teacher_rows(teacher_logits, student, positions, vocab_axis_name)
-    mode = "sum" if needs_sums(reduction) else "positions"
-    engine_options = dict(options._asdict(), vocab_axis_name=vocab_axis_name)
+    mode = "sum" if needs_sums(options.reduction) else "positions"
+    engine_options = dict(options.core_options(), vocab_axis_name=vocab_axis_name)
     if isinstance(teacher_logits, TopK):  # the teacher's ids are per-position rows
         loss, weight = run(
             topk_core, (student,), teacher, positions.counted, mode=mode,
-            options=dict(engine_options, topk_mode=topk_mode), names=("student",),
+            options=dict(engine_options, topk_mode=options.topk_mode), names=("student",),
         )
     else:
         loss, weight = run(
             distillation_core, (student, teacher), positions.targets, positions.counted, mode=mode,
             options=engine_options, trainable=(True, False), names=("student", "teacher"),
         )
-    if reduction == "none":
+    if options.reduction == "none":
         loss = positions.trim(loss)
-    return reduce(loss, weight, reduction)
+    return reduce(loss, weight, options.reduction)

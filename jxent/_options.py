@@ -1,9 +1,11 @@
 """Every option parser: the first of the four steps of each public function.
 
 Options are the arguments that are not arrays: reductions, coefficients,
-indices, the shift. Each is validated here, once, for the dense and the fused
-path alike. Most must be static Python values (they decide the program's
-structure); a few coefficients (``label_smoothing``, ``z_loss``,
+indices, the shift. Each public function on logits parses all of its options
+in one call, into one frozen record (:func:`loss_options`,
+:func:`sequence_options`, :func:`token_options`, :func:`distillation_options`),
+once for the dense and the fused path alike. Most must be static Python values (they decide the
+program's structure); a few coefficients (``label_smoothing``, ``z_loss``,
 ``temperature``, ``beta``, ``hard_weight``) may also be traced scalars, so a
 schedule under ``jit`` does not recompile. Concrete values come back as Python
 floats, so the common path stays static and specialised; traced ones come back
@@ -259,45 +261,75 @@ def parse_shift(value: Any, function: str) -> int:
     raise TypeError(f"shift must be True, False or an int k >= 0, got {value!r}")
 
 
-# --------------------------------------------------------------------------- groups
+# --------------------------------------------------------------------------- records
 
 
 class LossOptions(NamedTuple):
-    """Validated options of every cross-entropy; the coefficients may be traced scalars."""
+    """Validated options of a cross-entropy; the coefficients may be traced scalars.
 
+    ``how`` reduces the losses (``reduction``; ``sequence_nll``'s ``normalize``;
+    ``"sum"`` for ``nll_stats``), ``shift`` is 0 for ``softmax_cross_entropy``
+    and ``log_base`` is ``ln(base)`` (None: nats).
+    """
+
+    how: str
+    ignore_index: int | None
     label_smoothing: Any
     z_loss: Any
     logit_softcap: float | None
+    shift: int = 0
+    log_base: float | None = None
+
+    def core_options(self) -> dict:
+        """The keyword options of the cross-entropy core (``_softmax.cross_entropy_core``)."""
+        return dict(label_smoothing=self.label_smoothing, z_loss=self.z_loss,
+                    logit_softcap=self.logit_softcap)
 
 
-def loss_options(*, label_smoothing, z_loss, logit_softcap) -> LossOptions:
-    """The options of every cross-entropy (dense and fused), validated once.
-
-    ``ignore_index`` is the targets' (it becomes the mask): the positions step checks it.
-    """
+def _loss_options(how, *, shift=0, log_base=None, ignore_index, label_smoothing, z_loss,
+                  logit_softcap) -> LossOptions:
     return LossOptions(
+        how, shift=shift, log_base=log_base,
         label_smoothing=fraction(label_smoothing, "label_smoothing"),
-        z_loss=nonnegative_float(z_loss, "z_loss"),
-        logit_softcap=parse_softcap(logit_softcap),
+        z_loss=nonnegative_float(z_loss, "z_loss"), logit_softcap=parse_softcap(logit_softcap),
+        ignore_index=static_int(ignore_index, "ignore_index"),
     )
+
+
+def loss_options(*, reduction, **coefficients) -> LossOptions:
+    """``softmax_cross_entropy``'s options (``reduction``, ``ignore_index``, ``label_smoothing``,
+    ``z_loss``, ``logit_softcap``), validated once for the dense and fused paths."""
+    return _loss_options(parse_reduction(reduction), **coefficients)
+
+
+def sequence_options(function: str, *, shift, normalize="sum", base=None,
+                     **coefficients) -> LossOptions:
+    """The options of ``sequence_nll`` and ``nll_stats`` (whose ``how`` is ``"sum"``):
+    ``normalize``, ``base``, ``shift``, then those of :func:`loss_options`."""
+    how, log_base = parse_normalize(normalize), check_base(base)
+    return _loss_options(how, shift=parse_shift(shift, function), log_base=log_base,
+                         **coefficients)
 
 
 class TokenOptions(NamedTuple):
     """Validated options of ``token_stats``, ``token_objective`` and ``class_log_probs``.
 
-    ``temperature`` may be a traced scalar; ``shift`` is 0 for ``class_log_probs``;
-    ``fn`` is ``token_objective``'s function of the statistics (None for the others).
+    ``temperature`` may be a traced scalar; ``shift`` is 0 and ``ignore_index``
+    None for ``class_log_probs``; ``fn`` is ``token_objective``'s function of
+    the statistics (None for the others).
     """
 
     temperature: Any
     shift: int = 0
     fn: Callable | None = None
+    ignore_index: int | None = None
 
 
 _NO_FN = object()
 
 
-def token_options(function: str, *, temperature, shift=False, fn=_NO_FN) -> TokenOptions:
+def token_options(function: str, *, temperature, shift=False, fn=_NO_FN,
+                  ignore_index=None) -> TokenOptions:
     """The options of the token functions, validated once (``fn`` when ``function`` takes one).
 
     ``fn`` is checked only to be callable here; what it returns, one float per
@@ -309,20 +341,31 @@ def token_options(function: str, *, temperature, shift=False, fn=_NO_FN) -> Toke
         temperature=parse_temperature(temperature),
         shift=parse_shift(shift, function),
         fn=None if fn is _NO_FN else fn,
+        ignore_index=static_int(ignore_index, "ignore_index"),
     )
 
 
 class DistillationOptions(NamedTuple):
     """Validated options of ``distillation_loss``; the floats may be traced scalars."""
 
+    reduction: str
+    shift: int
     divergence: str
     beta: Any
     temperature: Any
     hard_weight: Any
+    topk_mode: str  # checked for every teacher, used by a TopK
+    ignore_index: int | None
+
+    def core_options(self) -> dict:
+        """The keyword options of ``distillation_core`` (``topk_core`` adds ``topk_mode``)."""
+        return dict(divergence=self.divergence, beta=self.beta, temperature=self.temperature,
+                    hard_weight=self.hard_weight)
 
 
 def distillation_options(
-    divergence: Any, beta: Any, temperature: Any, hard_weight: Any, has_targets: bool
+    *, reduction, shift, divergence, beta, temperature, hard_weight, topk_mode, ignore_index,
+    has_targets: bool,
 ) -> DistillationOptions:
     """Validate the options of ``distillation_loss`` once, for the dense and fused paths.
 
@@ -330,15 +373,14 @@ def distillation_options(
     as ``β → 0`` it tends to ``β·KL(t‖s)`` (forward, ``"kl"``) and as
     ``β → 1`` to ``(1 − β)·KL(s‖t)`` (reverse, ``"reverse_kl"``).
     """
+    reduction = parse_reduction(reduction)
+    shift = parse_shift(shift, "distillation_loss")
     check_option(divergence, "divergence", DIVERGENCES)
     if divergence == "jsd":
         beta = float_option(
-            beta,
-            "beta",
-            'a float in the open interval (0, 1) for divergence="jsd" (beta -> 0 tends to '
-            'beta * "kl", the forward KL(t||s), and beta -> 1 to (1 - beta) * "reverse_kl", '
-            "KL(s||t); pass those divergences instead)",
-            lambda v: (0 < v) & (v < 1),
+            beta, "beta", 'a float in the open interval (0, 1) for divergence="jsd" (beta -> 0 '
+            'tends to beta * "kl", the forward KL(t||s), and beta -> 1 to (1 - beta) * '
+            '"reverse_kl", KL(s||t); pass those divergences instead)', lambda v: (0 < v) & (v < 1),
         )
     hard_weight = float_option(
         hard_weight, "hard_weight", "a float in [0, 1]", lambda v: (0 <= v) & (v <= 1)
@@ -348,9 +390,9 @@ def distillation_options(
             f"hard_weight={hard_weight!r} weights a cross-entropy on targets, but targets is "
             "None; pass targets= (integer token ids of the positions' shape) or hard_weight=0"
         )
-    return DistillationOptions(divergence, beta, parse_temperature(temperature), hard_weight)
-
-
-def parse_topk_mode(value: Any) -> str:
-    """How a stored (``TopK``) teacher is compared: ``"tail"`` or ``"renormalize"``."""
-    return check_option(value, "topk_mode", TOPK_MODES, hint={"renormalise": "renormalize"})
+    return DistillationOptions(
+        reduction, shift, divergence, beta, parse_temperature(temperature), hard_weight,
+        topk_mode=check_option(topk_mode, "topk_mode", TOPK_MODES,
+                               hint={"renormalise": "renormalize"}),
+        ignore_index=static_int(ignore_index, "ignore_index"),
+    )

@@ -47,7 +47,7 @@ from ._checks import (
 )
 from ._engine._sharding import shift_left, whole_last_axis
 from ._logits import LinearLogits
-from ._options import nan_if_invalid, static_int
+from ._options import nan_if_invalid
 from ._topk import TopK
 from ._vocab import ClassOps
 
@@ -198,9 +198,9 @@ def class_targets(logits, targets, *, axis, where, ignore_index, class_weights, 
     Every array check of the call is here: the logits, the class ``axis``,
     the targets (integer ids give a gather index; floating targets, dense
     logits only, come back as probabilities in the computation's dtype),
-    ``where``, ``ignore_index`` and ``class_weights``.
+    ``where`` and ``class_weights``; ``ignore_index`` (parsed with the
+    options) becomes part of the mask.
     """
-    ignore_index = static_int(ignore_index, "ignore_index")
     logits = as_logits(logits)
     targets = as_integer_ids(targets, "targets")
     shape = tuple(logits.shape)
@@ -280,10 +280,10 @@ def token_targets(
     position predicts across a document boundary). ``where`` and ``weights``
     are aligned with ``tokens`` and move with them. ``tokens=None``
     (distillation without hard targets) counts every position ``where``
-    allows. ``sequence=False`` accepts logits ``[..., V]`` with any number of
+    allows. ``shift`` and ``ignore_index`` come parsed, from the options
+    record. ``sequence=False`` accepts logits ``[..., V]`` with any number of
     position axes (none included) when there is no shift.
     """
-    ignore_index = static_int(ignore_index, "ignore_index")
     logits = as_logits(logits, logits_name)
     shape = tuple(logits.shape)
     if len(shape) < 2 and (sequence or shift):

@@ -8,7 +8,7 @@ from typing import Any, NamedTuple
 import jax.numpy as jnp
 from jaxtyping import Array, ArrayLike, Bool, Float, Int
 
-from ._options import REQUIRED, check_base, loss_options, parse_normalize, parse_shift
+from ._options import REQUIRED, LossOptions, sequence_options
 from ._positions import token_targets
 from ._reduce import reduce, safe_divide, to_base
 from ._softmax import cross_entropy_terms
@@ -104,23 +104,19 @@ def perplexity(mean_nll: Float[ArrayLike, "*shape"] | NLLStats) -> Float[Array, 
     return jnp.exp(jnp.asarray(mean_nll))
 
 
-def _token_losses(function, logits, tokens, shift, *, how, where, ignore_index, segment_ids,
-                  weights, class_weights, vocab_axis_name, **coefficients):
-    """``sequence_nll``'s and ``nll_stats``' first three steps: options, positions, engine.
+def _token_losses(function, logits, tokens, options: LossOptions, *, where, segment_ids,
+                  weights, class_weights, vocab_axis_name):
+    """``sequence_nll``'s and ``nll_stats``' positions and engine steps.
 
-    Returns ``(loss, weight)`` per position, or summed when ``how`` needs only
-    sums, and the positions.
+    Returns ``(loss, weight)`` per position, or summed when ``options.how``
+    needs only sums, and the positions.
     """
-    k = parse_shift(shift, function)
-    options = loss_options(**coefficients)
     logits, positions = token_targets(
-        logits, tokens, shift=k, where=where, ignore_index=ignore_index, function=function,
-        vocab_axis_name=vocab_axis_name, segment_ids=segment_ids, weights=weights,
-        class_weights=class_weights,
+        logits, tokens, shift=options.shift, where=where, ignore_index=options.ignore_index,
+        function=function, vocab_axis_name=vocab_axis_name, segment_ids=segment_ids,
+        weights=weights, class_weights=class_weights,
     )
-    loss, weight = cross_entropy_terms(
-        logits, positions, options, how=how, vocab_axis_name=vocab_axis_name
-    )
+    loss, weight = cross_entropy_terms(logits, positions, options, vocab_axis_name)
     return loss, weight, positions
 
 
@@ -156,11 +152,13 @@ def nll_stats(
       >>> float(stats.count), round(float(stats.perplexity()), 4), float(stats.bits_per_token())
       (2.0, 4.0, 2.0)
     """
+    options = sequence_options(
+        "nll_stats", shift=shift, ignore_index=ignore_index, label_smoothing=label_smoothing,
+        z_loss=z_loss, logit_softcap=logit_softcap,
+    )
     total, count, _ = _token_losses(
-        "nll_stats", logits, tokens, shift, how="sum", where=where, ignore_index=ignore_index,
-        segment_ids=segment_ids, weights=weights, class_weights=class_weights,
-        vocab_axis_name=vocab_axis_name, label_smoothing=label_smoothing, z_loss=z_loss,
-        logit_softcap=logit_softcap,
+        "nll_stats", logits, tokens, options, where=where, segment_ids=segment_ids,
+        weights=weights, class_weights=class_weights, vocab_axis_name=vocab_axis_name,
     )
     return NLLStats(total=total, count=count)
 
@@ -253,15 +251,14 @@ def sequence_nll(
       >>> round(float(jxent.sequence_nll(logits, tokens, shift=True, base=2)), 4)  # bits/token
       0.5760
     """
-    normalize = parse_normalize(normalize)
-    log_base = check_base(base)
-    loss, weight, positions = _token_losses(
-        "sequence_nll", logits, tokens, shift, how=normalize, where=where,
-        ignore_index=ignore_index, segment_ids=segment_ids, weights=weights,
-        class_weights=class_weights,
-        vocab_axis_name=vocab_axis_name, label_smoothing=label_smoothing, z_loss=z_loss,
-        logit_softcap=logit_softcap,
+    options = sequence_options(
+        "sequence_nll", shift=shift, normalize=normalize, base=base, ignore_index=ignore_index,
+        label_smoothing=label_smoothing, z_loss=z_loss, logit_softcap=logit_softcap,
     )
-    if normalize == "none":
+    loss, weight, positions = _token_losses(
+        "sequence_nll", logits, tokens, options, where=where, segment_ids=segment_ids,
+        weights=weights, class_weights=class_weights, vocab_axis_name=vocab_axis_name,
+    )
+    if options.how == "none":
         loss = positions.trim(loss)
-    return to_base(reduce(loss, weight, normalize, positions.segments), log_base)
+    return to_base(reduce(loss, weight, options.how, positions.segments), options.log_base)

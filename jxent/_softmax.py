@@ -16,7 +16,7 @@ from jaxtyping import Array, ArrayLike, Bool, Float, Int
 
 from ._checks import float_dtype
 from ._engine import run
-from ._options import LossOptions, is_static, loss_options, parse_reduction
+from ._options import LossOptions, is_static, loss_options
 from ._positions import Positions, class_targets
 from ._reduce import needs_sums, reduce
 from ._rows import log_normaliser
@@ -181,18 +181,17 @@ def _weighted_logits(x, w, ref, counted, top_vec, keep, ops, axis):
     )
 
 
-def cross_entropy_terms(logits, positions: Positions, options: LossOptions, *, how: str,
-                        vocab_axis_name=None):
+def cross_entropy_terms(logits, positions: Positions, options: LossOptions, vocab_axis_name):
     """The engine step of every cross-entropy: ``(loss, weight)`` per position, or their
-    sums when ``how`` needs only sums (:func:`~._reduce.needs_sums`)."""
+    sums when ``options.how`` needs only sums (:func:`~._reduce.needs_sums`)."""
     return run(
         cross_entropy_core,
         (logits,),
         (positions.targets, positions.weights),
         positions.counted,
-        mode="sum" if needs_sums(how) else "positions",
+        mode="sum" if needs_sums(options.how) else "positions",
         options=dict(
-            options._asdict(), axis=positions.axis, class_weights=positions.class_weights,
+            options.core_options(), axis=positions.axis, class_weights=positions.class_weights,
             vocab_axis_name=vocab_axis_name,
         ),
     )
@@ -296,15 +295,13 @@ def softmax_cross_entropy(
       >>> jxent.softmax_cross_entropy(logits, jnp.array([0, 0]), reduction="none")
       Array([0.6931..., 0.2231...], dtype=float32)
     """
-    reduction = parse_reduction(reduction)
     options = loss_options(
-        label_smoothing=label_smoothing, z_loss=z_loss, logit_softcap=logit_softcap
+        reduction=reduction, ignore_index=ignore_index, label_smoothing=label_smoothing,
+        z_loss=z_loss, logit_softcap=logit_softcap,
     )
     logits, positions = class_targets(
-        logits, targets, axis=axis, where=where, ignore_index=ignore_index,
+        logits, targets, axis=axis, where=where, ignore_index=options.ignore_index,
         class_weights=class_weights, vocab_axis_name=vocab_axis_name,
     )
-    loss, weight = cross_entropy_terms(
-        logits, positions, options, how=reduction, vocab_axis_name=vocab_axis_name
-    )
-    return reduce(loss, weight, reduction)
+    loss, weight = cross_entropy_terms(logits, positions, options, vocab_axis_name)
+    return reduce(loss, weight, options.how)

@@ -215,9 +215,11 @@ def token_stats(
       >>> stats.argmax
       Array([[0, 0]], dtype=int32)
     """
-    options = token_options("token_stats", temperature=temperature, shift=shift)
+    options = token_options(
+        "token_stats", temperature=temperature, shift=shift, ignore_index=ignore_index
+    )
     logits, positions = token_targets(
-        logits, tokens, shift=options.shift, where=where, ignore_index=ignore_index,
+        logits, tokens, shift=options.shift, where=where, ignore_index=options.ignore_index,
         function="token_stats", vocab_axis_name=vocab_axis_name, segment_ids=segment_ids,
     )
     out = run(
@@ -295,9 +297,11 @@ def token_objective(
       ...     shift=False, args=(advantages,))
       Array(-0.4749..., dtype=float32)
     """
-    options = token_options("token_objective", temperature=temperature, shift=shift, fn=fn)
+    options = token_options(
+        "token_objective", temperature=temperature, shift=shift, fn=fn, ignore_index=ignore_index
+    )
     logits, positions = token_targets(
-        logits, tokens, shift=options.shift, where=where, ignore_index=ignore_index,
+        logits, tokens, shift=options.shift, where=where, ignore_index=options.ignore_index,
         function="token_objective", vocab_axis_name=vocab_axis_name, segment_ids=segment_ids,
     )
     rows = objective_rows(options.fn, args, logits, positions, options.shift, _stats_like)
