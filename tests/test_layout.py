@@ -6,6 +6,7 @@ private name imported across modules; the dense-or-fused choice
 positions step, which validates, and the engine, which dispatches); every
 public function on logits calls, in order, the options parsers, a positions
 builder, the engine's ``run`` and (the losses) ``reduce`` (README's structure),
+parses all its options in one call (one record, no raw option read beside it),
 and checks nothing itself (every check is in the options or positions step).
 """
 
@@ -187,6 +188,34 @@ def test_every_public_function_on_logits_reads_as_four_steps():
     on_logits = {n for n in public if n[0].islower() and n.endswith(("_stats", "_nll", "_loss",
                                                                       "_objective", "_probs"))}
     assert on_logits <= listed | {"linear_cross_entropy"}, on_logits - listed
+
+
+# Parameters that are neither arrays nor options: the class axis is checked against the
+# logits' rank (the positions step), the mesh axis is the engine's, `args` are arrays.
+NOT_OPTIONS = {"axis", "vocab_axis_name", "args"}
+
+
+def test_each_public_function_on_logits_parses_its_options_in_one_call():
+    """Issue 29.1: one call of `_options` builds one record of all the function's options
+    (its parameters not annotated as arrays), and no raw option is read beside it."""
+    mods = modules()
+    functions = _functions(mods)
+    for module, names in FOUR_STEPS.items():
+        origin = _origin(mods, module)
+        for name in names:
+            node = functions[module, name]
+            steps = _steps(mods, functions, module, node)
+            assert steps.count("options") == 1, (name, steps)
+            (call,) = [n for n in ast.walk(node) if isinstance(n, ast.Call)
+                       and origin.get(getattr(n.func, "id", None)) == "jxent._options"]
+            params = node.args.args + node.args.kwonlyargs
+            options = {a.arg for a in params if a.arg not in NOT_OPTIONS
+                       and "ArrayLike" not in ast.unparse(a.annotation)}
+            inside = [n for n in ast.walk(call) if isinstance(n, ast.Name)]
+            assert options <= {n.id for n in inside}, (name, options - {n.id for n in inside})
+            beside = {n.id for n in ast.walk(node) if isinstance(n, ast.Name)
+                      and not any(n is m for m in inside)}
+            assert not options & beside, (name, options & beside)
 
 
 def _bodies(mods, functions, module: str, node, depth: int = 0):
