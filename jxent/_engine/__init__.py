@@ -22,6 +22,7 @@ see :mod:`._sharding`.
 from __future__ import annotations
 
 import math
+from functools import partial
 from typing import Any
 
 import jax
@@ -55,6 +56,7 @@ def run(
     options: dict,
     trainable: tuple[bool, ...] | None = None,
     names: tuple[str, ...] | None = None,
+    join_vmap: bool = True,
 ):
     """Evaluate ``core`` over the positions of ``logits``: per position, or summed.
 
@@ -75,10 +77,14 @@ def run(
         (``(Σ loss, Σ aux)`` over the positions).
       options: the core's keyword options. Python values are static; arrays
         (traced coefficients, ``[V]`` class weights) are passed as
-        arguments, and on the fused path no gradient flows to them.
+        arguments, and on the fused path no gradient flows to them. Dense
+        members' class axis is ``options["axis"]`` when the core takes one
+        (default -1), the one option the engine reads (to place them).
       trainable: per member, whether it gets gradients (a teacher does not;
         default all).
       names: per member, what errors call it (default ``"logits"``).
+      join_vmap: where ``vmap`` is the innermost transformation, join its
+        axis to the positions (:mod:`._vmap`); False is the call as it is.
 
     Returns:
       As ``mode`` says.
@@ -86,31 +92,31 @@ def run(
     if mode not in ("positions", "sum"):
         raise ValueError(f"mode must be 'positions' or 'sum', got {mode!r}")
     trainable = tuple(trainable or (True,) * len(logits))
-    fused = [isinstance(x, LinearLogits) for x in logits]
+    fused = tuple(isinstance(x, LinearLogits) for x in logits)
     _check_members(logits, fused, trainable, names or ("logits",) * len(logits))
+    if any(fused) and join_vmap and innermost_vmap((logits, rows, counted)):
+        return _mapped(core, logits, rows, counted, mode, options, trainable, names, fused)
+    placed = mesh_kind((logits, rows, counted))  # the one sharding decision
+    if placed == "explicit":
+        return run_explicit(
+            _local, core, logits, rows, counted, mode=mode, options=options,
+            trainable=trainable, axis=options.get("axis", -1), fused=fused,
+        )
+    if any(fused):
+        return _fused(core, logits, rows, counted, mode, options, trainable, placed == "auto")
+    return _local(core, logits, rows, counted, mode=mode, options=options, trainable=trainable)
+
+
+def _mapped(core, logits, rows, counted, mode, options, trainable, names, fused):
+    """:func:`run` under the innermost ``vmap``: its axis joined to the positions."""
     static, arrays = _split(options)
 
-    def dispatch(logits, rows, counted, arrays, mode=mode):
-        options = dict(static, **arrays)
-        if mesh_kind((logits, rows, counted)) == "explicit":
-            return run_explicit(
-                _local, core, logits, rows, counted, mode=mode, options=options,
-                trainable=trainable, axis=options.get("axis", -1), fused=tuple(fused),
-            )
-        if any(fused):
-            return _fused(core, logits, rows, counted, mode, options, trainable)
-        return _local(core, logits, rows, counted, mode=mode, options=options,
-                      trainable=trainable)
+    def call(logits, rows, counted, arrays, mode=mode, join_vmap=True):
+        return run(core, logits, rows, counted, mode=mode, options=dict(static, **arrays),
+                   trainable=trainable, names=names, join_vmap=join_vmap)
 
-    if any(fused) and innermost_vmap((logits, rows, counted)):
-
-        def again(logits, rows, counted, arrays, mode):
-            return run(core, logits, rows, counted, mode=mode, options=dict(static, **arrays),
-                       trainable=trainable, names=names)
-
-        return mapped(again, dispatch, mode=mode, fused=tuple(fused), logits=logits, rows=rows,
-                      counted=counted, arrays=arrays)
-    return dispatch(logits, rows, counted, arrays)
+    return mapped(call, partial(call, join_vmap=False), mode=mode, fused=fused, logits=logits,
+                  rows=rows, counted=counted, arrays=arrays)
 
 
 def _check_members(logits, fused, trainable, names) -> None:
@@ -133,11 +139,12 @@ def _local(core, logits, rows, counted, *, mode, options, trainable):
         )
         out = core(logits, rows, counted, **options)
         return _loop.sums(out, counted.ndim) if mode == "sum" else out
-    return _fused(core, logits, rows, counted, mode, options, trainable)
+    return _fused(core, logits, rows, counted, mode, options, trainable, auto=False)
 
 
-def _fused(core, logits, rows, counted, mode, options, trainable):
-    """:func:`run` for members that include a :class:`LinearLogits`: chunks of flat positions."""
+def _fused(core, logits, rows, counted, mode, options, trainable, auto):
+    """:func:`run` for members that include a :class:`LinearLogits`: chunks of flat positions
+    (``auto``: the arrays are placed on an Auto mesh, and each device takes its own)."""
     positions = counted.shape
     n = math.prod(positions)
     flat = lambda x: x.reshape((n,) + x.shape[len(positions):])
@@ -166,7 +173,7 @@ def _fused(core, logits, rows, counted, mode, options, trainable):
     precision = [x.precision if isinstance(x, LinearLogits) else None for x in logits]
     plan = _loop.plan_for(core, members, counted, static, trainable, chunks, precision)
     per_position, summed = _loop.positions, _loop.summed
-    if mesh_kind(members) == "auto":
+    if auto:
         # The positions keep their axes: the partitioned ops split each as it
         # is placed (a sequence axis too) and flatten each device's block.
         per_position, summed = partitioned_vjps(tuple(chunks))

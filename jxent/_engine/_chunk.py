@@ -15,6 +15,7 @@ differentiated).
 from __future__ import annotations
 
 from collections.abc import Callable
+from functools import partial
 from typing import NamedTuple
 
 import jax
@@ -43,14 +44,34 @@ class Plan(NamedTuple):
     ct_scale: float = 1.0  # the share of each output's cotangent this device differentiates
     precision: tuple = ()  # per member: "accurate", "balanced", "compact" or None (LinearLogits)
     blocks: tuple = ()  # per member: the class block of ``hᵀ · g`` (None: one product)
+    resolved: bool = False  # chunk, precision and blocks chosen for one platform
 
     def policy(self, i: int) -> str:
         return (self.precision[i] if i < len(self.precision) else None) or "accurate"
 
-    def call(self, logits, rows, counted, arrays, *extra):
-        """The core on one chunk, its static options and the traced ones (``arrays``) merged."""
-        options = dict(self.options, **arrays)
-        return self.core(logits, rows, counted, *extra, **options)
+
+class Work(NamedTuple):
+    """What one loop over the chunks computes: the engine's five uses of it are below.
+
+    ``outputs``: the core's per-position outputs written into ``[N]`` carries
+    (with ``saved``, a :class:`Rule` core's saved vectors too); ``grads``: the
+    gradients of ``Σ ct · outputs`` added up chunk by chunk (without
+    ``outputs``, a :class:`Rule` core forms them from its saved vectors);
+    ``sums``: the outputs reduced to ``(Σ loss, Σ aux)``, and the gradients
+    are those of ``Σ loss``.
+    """
+
+    outputs: bool = False
+    saved: bool = False
+    grads: bool = False
+    sums: bool = False
+
+
+SUMS = Work(outputs=True, sums=True)
+SUMS_GRADS = Work(outputs=True, grads=True, sums=True)
+FORWARD = Work(outputs=True)
+FORWARD_SAVED = Work(outputs=True, saved=True)
+BACKWARD = Work(grads=True)
 
 
 class Rule(NamedTuple):
@@ -261,58 +282,65 @@ def _add_grads(plan: Plan, inputs, members, d_logits, grads, start, fresh):
     return tuple(new_grads)
 
 
-def _chunk_cts(ct, start, size, like, scale: float):
-    """The ``[C]`` slices of the cotangents, each in the dtype and variance of its output."""
-    scaled = (lambda c: c) if scale == 1.0 else (lambda c: c * scale)
-    return [
-        make_varying(scaled(rows_of(c, start, size).astype(o.dtype)), varying_axes(o))
-        for c, o in zip(ct, like, strict=True)
-    ]
-
-
-def chunk_step(plan: Plan, i, members, rows, counted, arrays, ct=None, grads=None):
-    """Chunk ``i``: its outputs, and with ``ct`` the gradients of ``Σ ct · outputs`` added in.
-
-    ``ct`` is a list of ``[N]`` cotangents for the core's floating outputs
-    (``None`` for a forward-only pass). Without ``ct`` it returns ``(start,
-    fresh, outputs, saved)``, ``saved`` from a :class:`Rule` core (else None).
-    """
-    start, fresh, m, inputs, rows_c = _chunk_inputs(plan, i, members, rows, counted)
-    logits = tuple(x for _, x in inputs)
-    rule = isinstance(plan.core, Rule)
-
-    options = dict(plan.options, **arrays)
-    fn = plan.core.forward if rule else plan.core
-
-    def core(*trained):
-        it = iter(trained)
-        full = tuple(next(it) if t else x for x, t in zip(logits, plan.trainable, strict=True))
-        out = fn(full, rows_c, m, **options)
-        return out if rule else (out, None)
-
-    trained = [x for x, t in zip(logits, plan.trainable, strict=True) if t]
-    if ct is None:
-        return (start, fresh) + core(*trained)
-
-    outputs, pull, _ = jax.vjp(core, *trained, has_aux=True)
+def _chunk_cts(outputs, ct, start, plan: Plan):
+    """The cotangent tree of a chunk's ``outputs``: the ``[C]`` slices of ``ct`` for the
+    floating leaves (each in its output's dtype and mesh variance), float0 zeros elsewhere."""
     leaves, treedef = jax.tree.flatten(outputs)
-    floats = [leaf for leaf, f in zip(leaves, float_leaves(outputs), strict=True) if f]
-    float_cts = iter(_chunk_cts(ct, start, plan.chunk, floats, plan.ct_scale))
+    scale = (lambda c: c) if plan.ct_scale == 1.0 else (lambda c: c * plan.ct_scale)
+    ct = iter(ct)
     cts = [
-        next(float_cts) if f else jnp.zeros(leaf.shape, jax.dtypes.float0)
-        for leaf, f in zip(leaves, float_leaves(outputs), strict=True)
+        make_varying(scale(rows_of(next(ct), start, plan.chunk).astype(o.dtype)), varying_axes(o))
+        if f else jnp.zeros(o.shape, jax.dtypes.float0)
+        for o, f in zip(leaves, float_leaves(outputs), strict=True)
     ]
-    d_logits = pull(jax.tree.unflatten(treedef, cts))
-    grads = _add_grads(plan, inputs, members, d_logits, grads, start, fresh)
-    return start, fresh, outputs, grads
+    return jax.tree.unflatten(treedef, cts)
 
 
-def pullback_step(plan: Plan, i, members, rows, counted, arrays, saved, ct, grads):
-    """Chunk ``i``'s gradients from a :class:`Rule`'s pullback and the saved vectors."""
+def chunk_shapes(plan: Plan, members, rows, counted, arrays):
+    """The shapes of one chunk's ``(outputs, saved)`` (``saved`` None but for a :class:`Rule`):
+    the one trace of the core outside a loop."""
+
+    def one_chunk():
+        _, _, m, inputs, rows_c = _chunk_inputs(plan, 0, members, rows, counted)
+        logits = tuple(x for _, x in inputs)
+        options = dict(plan.options, **arrays)
+        if isinstance(plan.core, Rule):
+            return plan.core.forward(logits, rows_c, m, **options)
+        return plan.core(logits, rows_c, m, **options), None
+
+    return jax.eval_shape(one_chunk)
+
+
+def chunk_step(plan: Plan, work: Work, members, rows, counted, arrays, saved, ct, i, carry):
+    """Chunk ``i`` of a loop doing ``work``: ``carry = (values, grads)`` updated.
+
+    ``values`` (``(outputs, saved)`` of every position, or None) get the
+    chunk's rows written in; ``grads`` (per trainable member ``(d_hidden,
+    d_kernel, d_bias)``, or None) get the gradients of ``Σ ct · outputs``
+    added, ``ct`` a list of ``[N]`` cotangents for the core's floating
+    outputs. The steps in order: the chunk's logits, the core (through
+    ``jax.vjp`` when differentiated), ``∂/∂logits``, the three products.
+    """
+    values, grads = carry
     start, fresh, m, inputs, rows_c = _chunk_inputs(plan, i, members, rows, counted)
     logits = tuple(x for _, x in inputs)
-    saved_c = jax.tree.map(lambda s: rows_of(s, start, plan.chunk), saved)
-    cts = [rows_of(c, start, plan.chunk) for c in ct]
-    pullback = plan._replace(core=plan.core.pullback)
-    d_logits = pullback.call(logits, rows_c, m, arrays, saved_c, cts)
-    return _add_grads(plan, inputs, members, d_logits, grads, start, fresh)
+    options = dict(plan.options, **arrays)
+    rule = isinstance(plan.core, Rule)
+    if rule and not work.outputs:
+        d_logits = plan.core.pullback(
+            logits, rows_c, m, jax.tree.map(lambda s: rows_of(s, start, plan.chunk), saved),
+            [rows_of(c, start, plan.chunk) for c in ct], **options)
+        return values, _add_grads(plan, inputs, members, d_logits, grads, start, fresh)
+    core = partial(plan.core.forward if rule else plan.core, **options)
+    if grads is None:
+        out = core(logits, rows_c, m)
+    else:
+        out, pull, *aux = jax.vjp(core, logits, rows_c, m, has_aux=rule)
+        d_logits = pull(_chunk_cts(out, ct, start, plan))[0]
+        d_logits = [d for d, t in zip(d_logits, plan.trainable, strict=True) if t]
+        grads = _add_grads(plan, inputs, members, d_logits, grads, start, fresh)
+        out = (out, *aux) if rule else out
+    if values is not None:
+        out = (out[0], out[1] if work.saved else None) if rule else (out, None)
+        values = jax.tree.map(lambda o, v: write(o, v, start, fresh), values, out)
+    return values, grads

@@ -39,16 +39,20 @@ import jax.numpy as jnp
 
 from .._checks import float_dtype
 from ._chunk import (
+    BACKWARD,
+    FORWARD,
+    FORWARD_SAVED,
+    SUMS,
+    SUMS_GRADS,
     Plan,
-    Rule,
+    Work,
+    chunk_shapes,
     chunk_step,
     float_leaves,
     grad_init,
     is_linear,
     outer_block,
-    pullback_step,
 )
-from ._chunk import write as write_rows
 from ._mesh import carry_init, cotangent_like
 
 # The backends' rules. CPU: at most this many logits per chunk (128 MiB in
@@ -135,57 +139,9 @@ def _num_chunks(plan: Plan) -> int:
     return -(-plan.positions // plan.chunk) if plan.positions else 0
 
 
-def output_shapes(plan: Plan, members, rows, counted, arrays):
-    """The shapes of one chunk's ``(outputs, saved)``: the one trace of the core outside a loop."""
-    return jax.eval_shape(lambda: chunk_step(plan, 0, members, rows, counted, arrays)[2:])
-
-
 def _zeros(plan: Plan, shapes):
     """Zero ``[N]`` carries shaped like per-position values of the chunk ``shapes``."""
     return jax.tree.map(lambda s: jnp.zeros((plan.positions,) + s.shape[1:], s.dtype), shapes)
-
-
-def forward(plan: Plan, members, rows, counted, arrays, *, saved: bool = False):
-    """Per-position outputs (with ``saved``: and a :class:`Rule`'s saved vectors), forward only."""
-
-    def body(i, out):
-        start, fresh, *values = chunk_step(plan, i, members, rows, counted, arrays)
-        values = tuple(values) if saved else values[0]
-        return jax.tree.map(lambda o, v: write_rows(o, v, start, fresh), out, values)
-
-    shapes = output_shapes(plan, members, rows, counted, arrays)
-    init = _zeros(plan, shapes if saved else shapes[0])
-    return jax.lax.fori_loop(0, _num_chunks(plan), body, carry_init(body, init))
-
-
-def forward_backward(plan: Plan, members, rows, counted, arrays, ct, shapes=None):
-    """The gradients of ``Σ ct · outputs``, one chunk at a time; with the chunk's output
-    ``shapes`` (:func:`output_shapes`), the per-position outputs too: ``(outputs, grads)``."""
-
-    def body(i, carry):
-        out, grads = carry
-        start, fresh, outputs, grads = chunk_step(
-            plan, i, members, rows, counted, arrays, ct, grads
-        )
-        if out is not None:
-            out = jax.tree.map(lambda o, v: write_rows(o, v, start, fresh), out, outputs)
-        return out, grads
-
-    init = (None if shapes is None else _zeros(plan, shapes[0]), grad_init(plan, members))
-    out, grads = jax.lax.fori_loop(0, _num_chunks(plan), body, carry_init(body, init))
-    return grads if shapes is None else (out, grads)
-
-
-def backward(plan: Plan, members, rows, counted, arrays, saved, ct):
-    """The gradients of ``Σ ct · outputs``: a :class:`Rule`'s pullback, or ``jax.vjp``."""
-    if not isinstance(plan.core, Rule):
-        return forward_backward(plan, members, rows, counted, arrays, ct)
-
-    def body(i, grads):
-        return pullback_step(plan, i, members, rows, counted, arrays, saved, ct, grads)
-
-    init = grad_init(plan, members)
-    return jax.lax.fori_loop(0, _num_chunks(plan), body, carry_init(body, init))
 
 
 def sums(out, axes: int = 1):
@@ -200,8 +156,8 @@ def sums(out, axes: int = 1):
 
 def total_ct(plan: Plan, shapes):
     """The cotangents of ``Σ loss`` and zero for the auxiliary outputs (``mode="sum"``),
-    for a core whose chunk outputs have ``shapes`` (:func:`output_shapes`)."""
-    loss, aux = _zeros(plan, shapes[0])
+    for a core whose chunk outputs have ``shapes``."""
+    loss, aux = _zeros(plan, shapes)
     return [jnp.ones_like(loss)] + [
         jnp.zeros_like(a) for a, f in zip(jax.tree.leaves(aux), float_leaves(aux), strict=True)
         if f
@@ -229,17 +185,17 @@ def for_platform(plan: Plan, members, platform: str) -> Plan:
         outer_block(chunk, m.hidden.shape[-1], m.num_classes, platform) if is_linear(m) else None
         for m in members
     )
-    return plan._replace(chunk=chunk, precision=precision, blocks=blocks)
+    return plan._replace(chunk=chunk, precision=precision, blocks=blocks, resolved=True)
 
 
-def work(kind: str, plan: Plan, members, rows, counted, arrays, saved=None, ct=None):
-    """One rule's computation over the positions and classes at hand.
+def work(kind: Work, plan: Plan, members, rows, counted, arrays, saved=None, ct=None):
+    """One loop over the chunks of the positions and classes at hand, doing ``kind``.
 
-    ``"sums"``: ``(Σ loss, Σ aux)``; ``"sums_grads"``: those and the gradients
-    of ``Σ loss``; ``"forward"``: per-position outputs; ``"forward_saved"``:
-    those and a :class:`Rule`'s saved vectors (None for other cores);
-    ``"backward"``: the gradients of ``Σ ct · outputs``. Sharded callers
-    combine the devices' parts (``jxent._engine._partition``).
+    ``SUMS``: ``(Σ loss, Σ aux)``; ``SUMS_GRADS``: those and the gradients of
+    ``Σ loss``; ``FORWARD``: per-position outputs; ``FORWARD_SAVED``: those
+    and a :class:`Rule`'s saved vectors (None for other cores); ``BACKWARD``:
+    the gradients of ``Σ ct · outputs``. Sharded callers combine the devices'
+    parts (``jxent._engine._partition``).
 
     The chunk, the precision policies and the class blocks are chosen for the
     platform the program is lowered for, not the host that traces it: where
@@ -247,38 +203,48 @@ def work(kind: str, plan: Plan, members, rows, counted, arrays, saved=None, ct=N
     loop per distinct choice, and lowering keeps the one of each platform
     (a program exported for several platforms carries each one's).
     """
+    if not plan.resolved:
+        variants = _variants(plan, members)
+        if len(variants) > 1:
+            return _by_platform(kind, variants, members, rows, counted, arrays, saved, ct)
+        plan = next(iter(variants))
+    shapes = chunk_shapes(plan, members, rows, counted, arrays) if kind.outputs else None
+    if kind.outputs and not kind.saved:
+        shapes = (shapes[0], None)
+    if kind.sums and kind.grads:
+        ct = total_ct(plan, shapes[0])
+    body = partial(chunk_step, plan, kind, members, rows, counted, arrays, saved, ct)
+    init = (_zeros(plan, shapes) if kind.outputs else None,
+            grad_init(plan, members) if kind.grads else None)
+    values, grads = jax.lax.fori_loop(0, _num_chunks(plan), body, carry_init(body, init))
+    return _result(kind, values, grads)
+
+
+def _variants(plan: Plan, members) -> dict:
+    """``{plan as resolved for a platform: the platforms}``, one entry per distinct choice."""
     variants: dict[Plan, list[str]] = {}
     for platform in PLATFORMS:
         variants.setdefault(for_platform(plan, members, platform), []).append(platform)
-    args = (members, rows, counted, arrays, saved, ct)
-    if len(variants) == 1:
-        return _work(kind, next(iter(variants)), *args)
+    return variants
+
+
+def _by_platform(kind: Work, variants: dict, *args):
+    """:func:`work` with each platform's plan, selected when the program is lowered."""
     branches = {}
     for resolved, platforms in variants.items():
-        branch = partial(_work, kind, resolved)
-        branches.update(dict.fromkeys(platforms, branch))
+        branches.update(dict.fromkeys(platforms, partial(work, kind, resolved)))
     return jax.lax.platform_dependent(*args, default=branches["cuda"], **branches)
 
 
-def _work(kind: str, plan: Plan, members, rows, counted, arrays, saved=None, ct=None):
-    """:func:`work` with the platform's choices made."""
-    if kind == "sums":
-        return sums(forward(plan, members, rows, counted, arrays))
-    if kind == "sums_grads":
-        shapes = output_shapes(plan, members, rows, counted, arrays)
-        out, grads = forward_backward(
-            plan, members, rows, counted, arrays, total_ct(plan, shapes), shapes
-        )
-        return sums(out), grads
-    if kind == "forward":
-        return forward(plan, members, rows, counted, arrays)
-    if kind == "forward_saved":
-        if isinstance(plan.core, Rule):
-            return forward(plan, members, rows, counted, arrays, saved=True)
-        return forward(plan, members, rows, counted, arrays), None
-    if kind == "backward":
-        return backward(plan, members, rows, counted, arrays, saved, ct)
-    raise ValueError(f"unknown kind of work {kind!r}")
+def _result(kind: Work, values, grads):
+    """What :func:`work` returns for ``kind``, from the loop's carries."""
+    if kind.sums:
+        values = sums(values[0])
+    elif values is not None and not kind.saved:
+        values = values[0]
+    if not kind.grads:
+        return values
+    return grads if values is None else (values, grads)
 
 
 def float_cts(ct) -> list:
@@ -306,7 +272,7 @@ def cotangents(plan: Plan, members, grads, scale=None):
 
 
 def custom_vjps(run):
-    """The two ``custom_vjp``s of the engine, over ``run(kind, plan, *arrays)``.
+    """The two ``custom_vjp``s of the engine, over ``run(kind, plan, *arrays)`` (a :class:`Work`).
 
     ``run`` is :func:`work` on one device (or inside ``shard_map``), or the
     same work partitioned over a mesh. ``"positions"``: per-position outputs,
@@ -316,25 +282,25 @@ def custom_vjps(run):
 
     @partial(jax.custom_vjp, nondiff_argnums=(0,))
     def positions(plan: Plan, members, rows, counted, arrays):
-        return run("forward", plan, members, rows, counted, arrays)
+        return run(FORWARD, plan, members, rows, counted, arrays)
 
     def positions_fwd(plan, members, rows, counted, arrays):
-        out, saved = run("forward_saved", plan, members, rows, counted, arrays)
+        out, saved = run(FORWARD_SAVED, plan, members, rows, counted, arrays)
         return out, (members, rows, counted, arrays, saved)
 
     def positions_bwd(plan, residuals, ct):
         members, rows, counted, arrays, saved = residuals
-        grads = run("backward", plan, members, rows, counted, arrays, saved, float_cts(ct))
+        grads = run(BACKWARD, plan, members, rows, counted, arrays, saved, float_cts(ct))
         return cotangents(plan, members, grads), None, None, None
 
     positions.defvjp(positions_fwd, positions_bwd)
 
     @partial(jax.custom_vjp, nondiff_argnums=(0,))
     def summed(plan: Plan, members, rows, counted, arrays):
-        return run("sums", plan, members, rows, counted, arrays)
+        return run(SUMS, plan, members, rows, counted, arrays)
 
     def summed_fwd(plan, members, rows, counted, arrays):
-        out, grads = run("sums_grads", plan, members, rows, counted, arrays)
+        out, grads = run(SUMS_GRADS, plan, members, rows, counted, arrays)
         return out, (members, grads)
 
     def summed_bwd(plan, residuals, ct):

@@ -2,8 +2,9 @@
 
 Under ``jit`` with Auto mesh axes the layout of the arrays is known only to
 the compiler, so each computation of the fused engine's ``custom_vjp`` rules
-(:func:`~._loop.work`: the sums, the sums and gradients, the per-position
-outputs, the backward pass) is one ``custom_partitioning`` op. Its rule
+(:func:`~._loop.work` of one :class:`~._chunk.Work`: the sums, the sums and
+gradients, the per-position outputs, the backward pass) is one
+``custom_partitioning`` op. Its rule
 (:func:`_partition`) reads the operands' shardings, keeps the positions
 split as ``hidden`` is and the classes as ``kernel`` is (the ``[D]`` axis is
 gathered, as FSDP gathers it), and runs :func:`~._loop.work` on each
@@ -26,7 +27,7 @@ from jax.experimental.custom_partitioning import custom_partitioning
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from ._chunk import is_linear
+from ._chunk import Work, is_linear
 from ._loop import custom_vjps, work
 from ._sharding import axis_name, fit, names
 
@@ -34,7 +35,7 @@ from ._sharding import axis_name, fit, names
 class Op(NamedTuple):
     """The static description of one op: what it computes and the role of each array."""
 
-    kind: str
+    kind: Work
     plan: Any
     tree: Any  # the treedef of (members, rows, counted, arrays, saved, ct)
     npos: int  # the position axes (``hidden [*P, D]``, ``counted [*P]``): each may be split
@@ -72,23 +73,27 @@ def _roles(npos, members, rows, counted, arrays, saved, ct) -> tuple:
     return tuple(out)
 
 
-def _result_roles(kind: str, npos: int, members, results) -> tuple:
+def _parts(kind: Work, results):
+    """``(values, grads)`` of a :func:`~._loop.work` result (None where ``kind`` has none)."""
+    if kind.grads:
+        return results if kind.outputs else (None, results)
+    return results, None
+
+
+def _result_roles(kind: Work, npos: int, members, results) -> tuple:
     """Sums replicated, per-position outputs split like the positions, gradients like primals."""
-    out = []
-    if kind in ("sums", "sums_grads"):
-        sums = results[0] if kind == "sums_grads" else results
-        out += [tuple(f"s{j}" for j in range(s.ndim)) for s in jax.tree.leaves(sums)]
-    if kind in ("sums_grads", "backward"):
-        grads = results[1] if kind == "sums_grads" else results
-        for roles, g in zip(_member_roles(members, npos), grads, strict=True):
-            if g is not None:
-                out += [r for r, x in zip(roles, g, strict=True) if x is not None]
-    if kind in ("forward", "forward_saved"):
-        out += [_per_position(x, npos) for x in jax.tree.leaves(results)]
+    values, grads = _parts(kind, results)
+    if kind.sums:
+        out = [tuple(f"s{j}" for j in range(s.ndim)) for s in jax.tree.leaves(values)]
+    else:
+        out = [_per_position(x, npos) for x in jax.tree.leaves(values)]
+    for roles, g in zip(_member_roles(members, npos), grads or (), strict=False):
+        if g is not None:
+            out += [r for r, x in zip(roles, g, strict=True) if x is not None]
     return tuple(out)
 
 
-def _flat_work(kind: str, plan, npos: int, members, rows, counted, arrays, saved, ct, lower=None):
+def _flat_work(kind: Work, plan, npos: int, members, rows, counted, arrays, saved, ct, lower=None):
     """:func:`~._loop.work` on positions ``[*P]`` flattened, its per-position results unflattened.
 
     ``lower(plan, members, counted)`` gives the plan of a device's block (and
@@ -104,14 +109,19 @@ def _flat_work(kind: str, plan, npos: int, members, rows, counted, arrays, saved
         plan = lower(plan, members, counted)
     out = work(kind, plan, members, rows, counted, arrays, saved, ct)
     per = lambda x: x.reshape(shape + x.shape[1:])
-    grads = lambda gs: tuple(None if g is None else (per(g[0]),) + tuple(g[1:]) for g in gs)
-    if kind == "sums":
-        return out
-    if kind == "sums_grads":
-        return out[0], grads(out[1])
-    if kind == "backward":
-        return grads(out)
-    return jax.tree.map(per, out)
+    values, grads = _parts(kind, out)
+    if not kind.sums:
+        values = jax.tree.map(per, values)
+    if grads is not None:
+        grads = tuple(None if g is None else (per(g[0]),) + tuple(g[1:]) for g in grads)
+    return _joined(kind, values, grads)
+
+
+def _joined(kind: Work, values, grads):
+    """A :func:`~._loop.work` result from ``(values, grads)``: the inverse of :func:`_parts`."""
+    if not kind.grads:
+        return values
+    return (values, grads) if kind.outputs else grads
 
 
 def _sharding_rule(op: Op, mesh, operand_types, result_types):
@@ -210,15 +220,15 @@ def _combine_grads(grads, pos_axes, vocab_axes):
     )
 
 
-def _combine(kind: str, out, pos_axes, vocab_axes):
-    """The devices' parts summed: sums and kernel/bias gradients over positions, hidden's over V."""
-    if kind == "sums":
-        return _psum(out, pos_axes)
-    if kind == "sums_grads":
-        return _psum(out[0], pos_axes), _combine_grads(out[1], pos_axes, vocab_axes)
-    if kind == "backward":
-        return _combine_grads(out, pos_axes, vocab_axes)
-    return out  # per-position outputs stay on their devices
+def _combine(kind: Work, out, pos_axes, vocab_axes):
+    """The devices' parts summed: sums and kernel/bias gradients over positions, hidden's over V
+    (per-position outputs stay on their devices)."""
+    values, grads = _parts(kind, out)
+    if kind.sums:
+        values = _psum(values, pos_axes)
+    if grads is not None:
+        grads = _combine_grads(grads, pos_axes, vocab_axes)
+    return _joined(kind, values, grads)
 
 
 _op.def_partition(partition=_partition, sharding_rule=_sharding_rule)
