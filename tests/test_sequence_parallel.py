@@ -105,9 +105,7 @@ CASES = (
        ("seq", 2, AxisType.Auto, False), ("seq", 1, AxisType.Explicit, False)]
 )
 PARAMS = [
-    pytest.param(layout, axis_type, fused, shift,
-                 marks=() if (layout, shift, axis_type) == ("seq", 1, AxisType.Explicit)
-                 and fused else pytest.mark.slow,
+    pytest.param(layout, axis_type, fused, shift, marks=pytest.mark.slow,
                  id=f"{layout}-shift{shift}-{axis_type.name}-{'fused' if fused else 'dense'}")
     for layout, shift, axis_type, fused in CASES
 ]

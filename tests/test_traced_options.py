@@ -101,10 +101,19 @@ DENSE_ONLY = {
         "temperature", [-1.0, 0.0], 0.8,
     ),
 }
+# The quick tier runs a fused, a dense and a linear case; the rest are slow.
+QUICK = {"fused-token_stats-temperature", "dense-softmax_cross_entropy-label_smoothing",
+         "linear_cross_entropy-z_loss", "dense-sequence_nll", "fused-temperature"}
+
+
+def _param(*values, id):
+    return pytest.param(*values, id=id, marks=() if id in QUICK else pytest.mark.slow)
+
+
 PARAMS = (
-    [pytest.param(kind, name, id=f"{kind}-{name}") for name in CASES for kind in ("dense", "fused")]
-    + [pytest.param("fused", name, id=name) for name in FUSED_ONLY]
-    + [pytest.param("dense", name, id=name) for name in DENSE_ONLY]
+    [_param(kind, name, id=f"{kind}-{name}") for name in CASES for kind in ("dense", "fused")]
+    + [_param("fused", name, id=name) for name in FUSED_ONLY]
+    + [_param("dense", name, id=name) for name in DENSE_ONLY]
 )
 
 
@@ -165,8 +174,9 @@ WEIGHT_CALLS = {
 }
 
 
-@pytest.mark.parametrize("kind", ["dense", "fused"])
-@pytest.mark.parametrize("name", list(WEIGHT_CALLS))
+@pytest.mark.parametrize(("kind", "name"), [
+    _param(kind, name, id=f"{kind}-{name}") for name in WEIGHT_CALLS for kind in ("dense", "fused")
+])
 def test_invalid_traced_weight_poisons_its_position(kind, name):
     call, logits = WEIGHT_CALLS[name], _logits(kind)
     weights = np.linspace(0.5, 2.0, B * T, dtype=np.float32).reshape(B, T)
@@ -234,8 +244,10 @@ GRADIENTS = {
 }
 
 
-@pytest.mark.parametrize("kind", ["dense", "fused"])
-@pytest.mark.parametrize("option", list(GRADIENTS))
+@pytest.mark.parametrize(("kind", "option"), [
+    _param(kind, option, id=f"{kind}-{option}")
+    for option in GRADIENTS for kind in ("dense", "fused")
+])
 def test_gradients_of_a_valid_traced_option_are_the_static_ones(kind, option):
     """Arrays' gradients equal the static option's; dense: the option's own is exact too.
 

@@ -88,7 +88,10 @@ def _trip_counts(hlo: str) -> list[int]:
     return [int(n) for n in re.findall(r'known_trip_count":\{"n":"(\d+)"', hlo)]
 
 
-@pytest.mark.parametrize("name", NAMES)
+@pytest.mark.parametrize("name", [
+    n if n in ("sequence_nll", "token_objective") else pytest.param(n, marks=pytest.mark.slow)
+    for n in NAMES
+])
 def test_vmap_is_one_loop_over_all_positions(name):
     x = _data()
     args = (x["h"], x["K"], x["b"])
@@ -101,6 +104,7 @@ def test_vmap_is_one_loop_over_all_positions(name):
     assert B * T // CHUNK in _trip_counts(hlo), f"{name}: loops {_trip_counts(hlo)}"
 
 
+@pytest.mark.slow
 def test_nested_vmaps_over_two_axes():
     x = _data()
     h2 = x["h"].reshape(2, B // 2, T, D)
@@ -132,6 +136,7 @@ def test_forward_alone_and_per_position_outputs():
     np.testing.assert_array_equal(got.argmax, want.argmax)
 
 
+@pytest.mark.slow
 def test_a_kernel_per_example_and_per_example_gradients_stay_correct():
     x = _data()
     kernels = x["K"][None] * (1 + jnp.arange(B))[:, None, None]
