@@ -145,9 +145,9 @@ def _local(core, logits, rows, counted, *, mode, options, trainable):
 def _fused(core, logits, rows, counted, mode, options, trainable, auto):
     """:func:`run` for members that include a :class:`LinearLogits`: chunks of flat positions
     (``auto``: the arrays are placed on an Auto mesh, and each device takes its own)."""
-    positions = counted.shape
-    n = math.prod(positions)
-    flat = lambda x: x.reshape((n,) + x.shape[len(positions):])
+    position_shape = counted.shape
+    n = math.prod(position_shape)
+    flat = lambda x: x.reshape((n,) + x.shape[len(position_shape):])
     # A member that is not trained (a teacher) is a constant at every order of
     # differentiation: its rule gives it no gradient, and the stop_gradient keeps
     # a derivative of the rules themselves (jvp of grad, hessian) from reaching it
@@ -168,11 +168,11 @@ def _fused(core, logits, rows, counted, mode, options, trainable, auto):
         # Nothing to chunk: the core on the (empty) materialised logits.
         dense = tuple(m.rows(0, 0, counted)[1] for m in members)
         out = core(dense, rows, counted, **options)
-        return _loop.sums(out) if mode == "sum" else _unflatten(out, positions)
+        return _loop.sums(out) if mode == "sum" else _unflatten(out, position_shape)
     chunks = [x.chunk_size for x in logits if isinstance(x, LinearLogits)]
     precision = [x.precision if isinstance(x, LinearLogits) else None for x in logits]
     plan = _loop.plan_for(core, members, counted, static, trainable, chunks, precision)
-    per_position, summed = _loop.positions, _loop.summed
+    per_position, summed = _loop.per_position, _loop.summed
     if auto:
         # The positions keep their axes: the partitioned ops split each as it
         # is placed (a sequence axis too) and flatten each device's block.
@@ -182,13 +182,13 @@ def _fused(core, logits, rows, counted, mode, options, trainable, auto):
             else Dense(m.logits.reshape(x.shape))
             for x, m in zip(logits, members, strict=True)
         )
-        rows, counted = jax.tree.map(lambda r: r.reshape(positions + r.shape[1:]), rows), \
-            counted.reshape(positions)
+        rows, counted = jax.tree.map(lambda r: r.reshape(position_shape + r.shape[1:]), rows), \
+            counted.reshape(position_shape)
     try:
         if mode == "sum":
             return summed(plan, members, rows, counted, arrays)
         out = per_position(plan, members, rows, counted, arrays)
-        return out if out_positions(out, positions) else _unflatten(out, positions)
+        return out if out_positions(out, position_shape) else _unflatten(out, position_shape)
     except TypeError as e:
         if "forward-mode" not in str(e):
             raise
@@ -205,10 +205,10 @@ FORWARD_MODE = (
 )
 
 
-def out_positions(out, positions) -> bool:
+def out_positions(out, position_shape) -> bool:
     """Whether per-position outputs already have the positions' axes."""
-    return all(x.shape[: len(positions)] == positions for x in jax.tree.leaves(out))
+    return all(x.shape[: len(position_shape)] == position_shape for x in jax.tree.leaves(out))
 
 
-def _unflatten(out, positions):
-    return jax.tree.map(lambda x: x.reshape(positions + x.shape[1:]), out)
+def _unflatten(out, position_shape):
+    return jax.tree.map(lambda x: x.reshape(position_shape + x.shape[1:]), out)

@@ -40,7 +40,7 @@ class Plan(NamedTuple):
     options: tuple
     chunk: int | None
     trainable: tuple
-    positions: int
+    num_positions: int
     ct_scale: float = 1.0  # the share of each output's cotangent this device differentiates
     precision: tuple = ()  # per member: "accurate", "balanced", "compact" or None (LinearLogits)
     blocks: tuple = ()  # per member: the class block of ``hᵀ · g`` (None: one product)
@@ -144,7 +144,7 @@ def _chunk_start(plan: Plan, i):
     ``hidden``); its positions already covered by the previous chunk are
     masked out there, and their outputs kept from the earlier chunk.
     """
-    start = jnp.minimum(i * plan.chunk, plan.positions - plan.chunk)
+    start = jnp.minimum(i * plan.chunk, plan.num_positions - plan.chunk)
     fresh = start + jnp.arange(plan.chunk) >= i * plan.chunk
     return start, fresh
 

@@ -136,12 +136,12 @@ def default_precision(backend: str | None = None) -> str:
 
 
 def _num_chunks(plan: Plan) -> int:
-    return -(-plan.positions // plan.chunk) if plan.positions else 0
+    return -(-plan.num_positions // plan.chunk) if plan.num_positions else 0
 
 
 def _zeros(plan: Plan, shapes):
     """Zero ``[N]`` carries shaped like per-position values of the chunk ``shapes``."""
-    return jax.tree.map(lambda s: jnp.zeros((plan.positions,) + s.shape[1:], s.dtype), shapes)
+    return jax.tree.map(lambda s: jnp.zeros((plan.num_positions,) + s.shape[1:], s.dtype), shapes)
 
 
 def sums(out, axes: int = 1):
@@ -173,7 +173,7 @@ def _policy(member, policy: str) -> str:
 
 def for_platform(plan: Plan, members, platform: str) -> Plan:
     """``plan`` as lowered for ``platform``: its chunk, precision policies and class blocks."""
-    n = plan.positions
+    n = plan.num_positions
     classes = sum(m.num_classes for m in members)
     chunk = plan.chunk or default_chunk_size(n, classes, platform)
     chunk = max(1, min(chunk, n))
@@ -281,19 +281,19 @@ def custom_vjps(run):
     """
 
     @partial(jax.custom_vjp, nondiff_argnums=(0,))
-    def positions(plan: Plan, members, rows, counted, arrays):
+    def per_position(plan: Plan, members, rows, counted, arrays):
         return run(FORWARD, plan, members, rows, counted, arrays)
 
-    def positions_fwd(plan, members, rows, counted, arrays):
+    def per_position_fwd(plan, members, rows, counted, arrays):
         out, saved = run(FORWARD_SAVED, plan, members, rows, counted, arrays)
         return out, (members, rows, counted, arrays, saved)
 
-    def positions_bwd(plan, residuals, ct):
+    def per_position_bwd(plan, residuals, ct):
         members, rows, counted, arrays, saved = residuals
         grads = run(BACKWARD, plan, members, rows, counted, arrays, saved, float_cts(ct))
         return cotangents(plan, members, grads), None, None, None
 
-    positions.defvjp(positions_fwd, positions_bwd)
+    per_position.defvjp(per_position_fwd, per_position_bwd)
 
     @partial(jax.custom_vjp, nondiff_argnums=(0,))
     def summed(plan: Plan, members, rows, counted, arrays):
@@ -309,10 +309,10 @@ def custom_vjps(run):
         return cotangents(plan, members, grads, scale=ct_loss), None, None, None
 
     summed.defvjp(summed_fwd, summed_bwd)
-    return positions, summed
+    return per_position, summed
 
 
-positions, summed = custom_vjps(work)
+per_position, summed = custom_vjps(work)
 
 
 def plan_for(core, members, counted, options: dict, trainable, chunk_sizes, precision) -> Plan:

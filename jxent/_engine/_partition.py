@@ -172,7 +172,7 @@ def _partition(op: Op, mesh, arg_shapes, result_shape):
     layout = fit(mesh, tuple(spec(hidden, j) for j in range(op.npos)),
                  names(spec(kernel, 1)), hidden.shape[:op.npos], kernel.shape[1])
     pos_axes, vocab_axes = axis_name(layout.position_axes), axis_name(layout.vocab)
-    factor = {f"n{j}": entry for j, entry in enumerate(layout.positions)}
+    factor = {f"n{j}": entry for j, entry in enumerate(layout.position_specs)}
     factor["v"] = vocab_axes
     sharding = lambda roles: NamedSharding(mesh, P(*(factor.get(f) for f in roles)))
     arg_shardings = tuple(sharding(r) for r in op.roles)
@@ -201,7 +201,7 @@ def _local_plan(op: Op, counted, vocab_axes):
     # device differentiates its share (as shard_map does without vma checks).
     share = 1.0 if vocab_axes is None else 1.0 / jax.lax.axis_size(vocab_axes)
     return op.plan._replace(
-        positions=n, chunk=chunk, options=tuple(sorted(options.items())),
+        num_positions=n, chunk=chunk, options=tuple(sorted(options.items())),
         ct_scale=share,
     )
 

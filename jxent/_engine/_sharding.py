@@ -82,12 +82,12 @@ class Layout(NamedTuple):
     """Which mesh axes split the positions (per position axis) and the vocabulary."""
 
     mesh: Any
-    positions: tuple  # one PartitionSpec entry per position axis
+    position_specs: tuple  # one PartitionSpec entry per position axis
     vocab: tuple[str, ...]
 
     @property
     def position_axes(self) -> tuple[str, ...]:
-        return tuple(a for entry in self.positions for a in names(entry))
+        return tuple(a for entry in self.position_specs for a in names(entry))
 
 
 def fit(mesh, positions: tuple, vocab: tuple[str, ...], shape, num_classes: int) -> Layout:
@@ -136,9 +136,9 @@ def _member_spec(x, linear: bool, layout: Layout, axis: int):
     vocab = axis_name(layout.vocab)
     if linear:
         bias = None if x.bias is None else P(vocab)
-        children = (P(*layout.positions, None), P(None, vocab), bias)
+        children = (P(*layout.position_specs, None), P(None, vocab), bias)
         return type(x).tree_unflatten(x.tree_flatten()[1], children)
-    entries = list(layout.positions)
+    entries = list(layout.position_specs)
     entries.insert(axis % x.ndim, vocab)
     return P(*entries)
 
@@ -146,7 +146,7 @@ def _member_spec(x, linear: bool, layout: Layout, axis: int):
 def _row_spec(x, layout: Layout, dense: dict):
     if x.shape in dense:
         return dense[x.shape]
-    return P(*layout.positions, *((None,) * (x.ndim - len(layout.positions))))
+    return P(*layout.position_specs, *((None,) * (x.ndim - len(layout.position_specs))))
 
 
 def _reshard(tree, specs, mesh):
@@ -182,7 +182,7 @@ def run_explicit(local, core, logits, rows, counted, *, mode, options, trainable
         k: P(vocab) if v.ndim == 1 and v.shape[0] == num_classes else P()
         for k, v in arrays.items()
     }
-    in_specs = (member_specs, row_specs, P(*layout.positions), array_specs)
+    in_specs = (member_specs, row_specs, P(*layout.position_specs), array_specs)
     args = _reshard((logits, rows, counted, arrays), in_specs, layout.mesh)
     reduce_over = axis_name(layout.position_axes)
 
@@ -193,7 +193,7 @@ def run_explicit(local, core, logits, rows, counted, *, mode, options, trainable
             out = jax.lax.psum(out, reduce_over)
         return out
 
-    out_specs = P() if mode == "sum" else P(*layout.positions)
+    out_specs = P() if mode == "sum" else P(*layout.position_specs)
     return jax.shard_map(
         per_device, mesh=layout.mesh, in_specs=in_specs, out_specs=out_specs
     )(*args)
