@@ -174,11 +174,7 @@ def _weighted_logits(x, w, ref, counted, top_vec, keep, ops, axis):
         return ref, jnp.zeros(counted.shape, x.dtype)
     large = jnp.max(jnp.where(counted, jnp.abs(top_vec), 0)) > _SHIFT_ABOVE
     ref = jnp.where(large, ref, 0)
-    return ref, jax.lax.cond(
-        large,
-        lambda: ops.dot(x - jnp.expand_dims(ref, axis), w, keep),
-        lambda: ops.dot(x, w, keep, matvec=True),
-    )
+    return ref, ops.dot(x, w, keep, ref, large)
 
 
 def cross_entropy_terms(logits, positions: Positions, options: LossOptions, vocab_axis_name):

@@ -78,12 +78,14 @@ class ClassOps(NamedTuple):
             top = jax.lax.pmax(top, self.name)
         return jnp.where(keep & jnp.isfinite(top), top, 0)
 
-    def dot(self, x, w, keep, *, matvec: bool = False):
-        """``Σ_c x_c w_c`` over the class axis (see :func:`_class_dot`), this shard's part.
+    def dot(self, x, w, keep, ref, shifted):
+        """``Σ_c w_c (x_c − r)`` over the class axis (see :func:`_class_dot`), this shard's part.
 
-        Combine the shards' parts with :meth:`sum_tokens`.
+        ``shifted`` (a traced bool) picks the pass: the multiply-reduce of
+        ``x − r``, or the matrix-vector product of the raw logits (``r`` must
+        then be 0). Combine the shards' parts with :meth:`sum_tokens`.
         """
-        return _class_dot(x, w, keep, self.axis, matvec)
+        return _class_dot(x, w, keep, ref, shifted, self.axis)
 
     def take(self, x, index, fill):
         """``x[..., index, ...]`` along the class axis for global class ids ``index``.
@@ -160,31 +162,42 @@ def _weighted_sum(x, w, axis: int, matvec: bool = False):
     return jnp.sum(x * jnp.reshape(w, shape), axis=axis)
 
 
-@functools.partial(jax.custom_jvp, nondiff_argnums=(3, 4))
-def _class_dot(x, w, keep, axis: int, matvec: bool):
-    """``Σ_c x_c w_c`` along ``axis``: one pass over ``x`` (see :func:`_weighted_sum`).
+@functools.partial(jax.custom_jvp, nondiff_argnums=(5,))
+def _class_dot(x, w, keep, ref, shifted, axis: int):
+    """``Σ_c w_c (x_c − r)`` along ``axis`` in one pass over ``x`` (see :func:`_weighted_sum`):
+    the multiply-reduce of ``x − r`` where ``shifted``, else the product of the raw
+    logits (``r = 0``), chosen at run time.
 
-    Positions where ``keep`` is False may hold NaN/inf in ``x``; the caller
-    discards their values, and this rule keeps them out of the derivative with
-    respect to ``w`` (plain autodiff would form ``Σ_n x_n · 0 = NaN``). Only
-    that tangent reads a masked copy of ``x``, so the copy is made only when
-    ``w`` is differentiated. Why a rule: the masked copy costs XLA:CPU a full
-    extra write and read of the logits on every call (compare the
-    "jxent+options" rows of ``benchmarks/softmax_ce.py``). It is a
-    ``custom_jvp``, so forward mode and higher derivatives keep working.
+    A rule for two reasons. The choice is a ``lax.cond``, and its derivative
+    ``∂/∂x_c = w_c`` is the same in both branches: formed outside the cond,
+    reverse mode gets it as ``ct · w``, which XLA fuses into the pass that
+    forms the rest of the logits' gradient (inside the cond's transpose it
+    was a ``[positions, classes]`` array of its own, written and read once
+    more). And positions where ``keep`` is False may hold NaN/inf in ``x``:
+    the caller discards their values, and the rule keeps them out of the
+    derivative with respect to ``w`` (plain autodiff would form
+    ``Σ_n x_n · 0 = NaN``); only that tangent reads a masked copy of ``x``,
+    made only when ``w`` is differentiated. ``r`` enters without a gradient
+    (a reference whose value only matters). It is a ``custom_jvp``, so
+    forward mode and higher derivatives keep working.
     """
-    return _weighted_sum(x, w, axis, matvec)
+    return jax.lax.cond(
+        shifted,
+        lambda: _weighted_sum(x - jnp.expand_dims(ref, axis), w, axis),
+        lambda: _weighted_sum(x, w, axis, matvec=True),
+    )
 
 
-def _class_dot_jvp(axis, matvec, primals, tangents):
-    x, w, keep = primals
-    dx, dw, _ = tangents
-    out = _weighted_sum(x, w, axis, matvec)
+def _class_dot_jvp(axis, primals, tangents):
+    x, w, keep, ref, shifted = primals
+    dx, dw, _, _, _ = tangents
+    out = _class_dot(x, w, keep, ref, shifted, axis)
     tangent = jnp.zeros_like(out)
     if not isinstance(dx, SymbolicZero):
-        tangent = tangent + _weighted_sum(dx, w, axis, matvec)
+        tangent = tangent + _weighted_sum(dx, w, axis)
     if not isinstance(dw, SymbolicZero):
-        tangent = tangent + _weighted_sum(jnp.where(keep, x, 0), dw, axis, matvec)
+        x = jnp.where(keep, x - jnp.expand_dims(ref, axis), 0)
+        tangent = tangent + _weighted_sum(x, dw, axis)
     return out, tangent
 
 
