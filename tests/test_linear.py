@@ -227,7 +227,8 @@ def test_bfloat16_within_2e2_of_float64(rng):
 
 @pytest.mark.slow
 def test_memory_bounded_by_a_chunk():
-    """Compiled temp memory: ≤ 5% of the materialised path's, and flat in N at a fixed chunk.
+    """Compiled temp memory: ≤ 5% of the materialised path's at 256 positions a chunk (≤ 7%
+    at the CPU's default, N / 16), and flat in N at a fixed chunk.
 
     Lowering and compiling only (abstract shapes, nothing is allocated or run).
     """
@@ -249,9 +250,9 @@ def test_memory_bounded_by_a_chunk():
     assert full >= 2 * 8192 * v * 4  # the logits and their gradient, at least
     assert small <= 0.05 * full, (small, full)
     assert abs(large - small) < 0.1 * small, (small, large)
-    # The default chunk for this vocabulary is as small.
+    # The default chunk here: 512 positions of 8192, a sixteenth of the logits.
     default = temp_bytes(jxent.linear_cross_entropy, 8192)
-    assert default <= 0.05 * full, (default, full)
+    assert default <= 0.07 * full, (default, full)
 
 
 def test_evaluation_runs_only_the_forward_product(rng):

@@ -53,7 +53,7 @@ class Plan(NamedTuple):
 class Work(NamedTuple):
     """What one loop over the chunks computes: the engine's five uses of it are below.
 
-    ``outputs``: the core's per-position outputs written into ``[N]`` carries
+    ``outputs``: the core's per-position outputs, stacked chunk by chunk
     (with ``saved``, a :class:`Rule` core's saved vectors too); ``grads``: the
     gradients of ``Σ ct · outputs`` added up chunk by chunk (without
     ``outputs``, a :class:`Rule` core forms them from its saved vectors);
@@ -282,46 +282,40 @@ def _add_grads(plan: Plan, inputs, members, d_logits, grads, start, fresh):
     return tuple(new_grads)
 
 
-def _chunk_cts(outputs, ct, start, plan: Plan):
-    """The cotangent tree of a chunk's ``outputs``: the ``[C]`` slices of ``ct`` for the
-    floating leaves (each in its output's dtype and mesh variance), float0 zeros elsewhere."""
+def _chunk_cts(outputs, ct, start, plan: Plan, summed: bool):
+    """The cotangent tree of a chunk's ``outputs``: for the floating leaves the ``[C]``
+    slices of ``ct`` (``summed``: ones for the loss, zeros for the auxiliary sums, which
+    do not depend on the logits), each in its output's dtype and mesh variance; float0
+    zeros elsewhere."""
     leaves, treedef = jax.tree.flatten(outputs)
+    floats = float_leaves(outputs)
+    if summed:
+        ct = [jnp.ones(leaves[0].shape, leaves[0].dtype)] + [
+            jnp.zeros(o.shape, o.dtype) for o, f in zip(leaves[1:], floats[1:], strict=True) if f]
+    else:
+        ct = [rows_of(c, start, plan.chunk) for c in ct]
     scale = (lambda c: c) if plan.ct_scale == 1.0 else (lambda c: c * plan.ct_scale)
     ct = iter(ct)
     cts = [
-        make_varying(scale(rows_of(next(ct), start, plan.chunk).astype(o.dtype)), varying_axes(o))
+        make_varying(scale(next(ct).astype(o.dtype)), varying_axes(o))
         if f else jnp.zeros(o.shape, jax.dtypes.float0)
-        for o, f in zip(leaves, float_leaves(outputs), strict=True)
+        for o, f in zip(leaves, floats, strict=True)
     ]
     return jax.tree.unflatten(treedef, cts)
 
 
-def chunk_shapes(plan: Plan, members, rows, counted, arrays):
-    """The shapes of one chunk's ``(outputs, saved)`` (``saved`` None but for a :class:`Rule`):
-    the one trace of the core outside a loop."""
+def chunk_step(plan: Plan, work: Work, members, rows, counted, arrays, saved, ct, grads, i):
+    """Chunk ``i`` of a loop doing ``work`` (a ``lax.scan`` body): ``(grads, values)``.
 
-    def one_chunk():
-        _, _, m, inputs, rows_c = _chunk_inputs(plan, 0, members, rows, counted)
-        logits = tuple(x for _, x in inputs)
-        options = dict(plan.options, **arrays)
-        if isinstance(plan.core, Rule):
-            return plan.core.forward(logits, rows_c, m, **options)
-        return plan.core(logits, rows_c, m, **options), None
-
-    return jax.eval_shape(one_chunk)
-
-
-def chunk_step(plan: Plan, work: Work, members, rows, counted, arrays, saved, ct, i, carry):
-    """Chunk ``i`` of a loop doing ``work``: ``carry = (values, grads)`` updated.
-
-    ``values`` (``(outputs, saved)`` of every position, or None) get the
-    chunk's rows written in; ``grads`` (per trainable member ``(d_hidden,
-    d_kernel, d_bias)``, or None) get the gradients of ``Σ ct · outputs``
-    added, ``ct`` a list of ``[N]`` cotangents for the core's floating
-    outputs. The steps in order: the chunk's logits, the core (through
-    ``jax.vjp`` when differentiated), ``∂/∂logits``, the three products.
+    ``grads`` (per trainable member ``(d_hidden, d_kernel, d_bias)``, or
+    None) get the gradients of ``Σ ct · outputs`` added, ``ct`` a list of
+    ``[N]`` cotangents for the core's floating outputs (with ``work.sums``:
+    ones for the loss). ``values`` are the chunk's ``(outputs, saved)``
+    (``saved`` None but for a :class:`Rule` doing ``FORWARD_SAVED``), or None;
+    the loop stacks them. The steps in order: the chunk's logits, the core
+    (through ``jax.vjp`` when differentiated), ``∂/∂logits``, the three
+    products.
     """
-    values, grads = carry
     start, fresh, m, inputs, rows_c = _chunk_inputs(plan, i, members, rows, counted)
     logits = tuple(x for _, x in inputs)
     options = dict(plan.options, **arrays)
@@ -330,17 +324,16 @@ def chunk_step(plan: Plan, work: Work, members, rows, counted, arrays, saved, ct
         d_logits = plan.core.pullback(
             logits, rows_c, m, jax.tree.map(lambda s: rows_of(s, start, plan.chunk), saved),
             [rows_of(c, start, plan.chunk) for c in ct], **options)
-        return values, _add_grads(plan, inputs, members, d_logits, grads, start, fresh)
+        return _add_grads(plan, inputs, members, d_logits, grads, start, fresh), None
     core = partial(plan.core.forward if rule else plan.core, **options)
     if grads is None:
         out = core(logits, rows_c, m)
     else:
         out, pull, *aux = jax.vjp(core, logits, rows_c, m, has_aux=rule)
-        d_logits = pull(_chunk_cts(out, ct, start, plan))[0]
+        d_logits = pull(_chunk_cts(out, ct, start, plan, work.sums))[0]
         d_logits = [d for d, t in zip(d_logits, plan.trainable, strict=True) if t]
         grads = _add_grads(plan, inputs, members, d_logits, grads, start, fresh)
         out = (out, *aux) if rule else out
-    if values is not None:
-        out = (out[0], out[1] if work.saved else None) if rule else (out, None)
-        values = jax.tree.map(lambda o, v: write(o, v, start, fresh), values, out)
-    return values, grads
+    if not work.outputs:
+        return grads, None
+    return grads, (out[0], out[1] if work.saved else None) if rule else (out, None)

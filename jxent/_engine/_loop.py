@@ -19,7 +19,7 @@ per chunk and linear member. Memory is a chunk's ``[C, V]`` logits (one array
 per member) and their gradient, plus the gradients themselves; nothing of size
 ``N × V``. Three details keep the temporaries small and flat in ``N``: the
 last chunk is moved back to end at ``N`` instead of padding (no copy of
-``hidden``), outputs are written in place into the loop's carries, and
+``hidden``), each chunk's outputs are stacked by the loop (``lax.scan``), and
 ``h_c.T @ g`` is formed and added a block of classes at a time.
 
 Why token chunks rather than vocabulary blocks with an online log-sum-exp:
@@ -46,7 +46,6 @@ from ._chunk import (
     SUMS_GRADS,
     Plan,
     Work,
-    chunk_shapes,
     chunk_step,
     float_leaves,
     grad_init,
@@ -144,11 +143,6 @@ def _num_chunks(plan: Plan) -> int:
     return -(-plan.num_positions // plan.chunk) if plan.num_positions else 0
 
 
-def _zeros(plan: Plan, shapes):
-    """Zero ``[N]`` carries shaped like per-position values of the chunk ``shapes``."""
-    return jax.tree.map(lambda s: jnp.zeros((plan.num_positions,) + s.shape[1:], s.dtype), shapes)
-
-
 def sums(out, axes: int = 1):
     """``(Σ loss, Σ aux)`` over the leading ``axes`` (position) axes of a core's outputs."""
     loss, aux = out
@@ -157,16 +151,6 @@ def sums(out, axes: int = 1):
 
 
 # --- the work of each custom_vjp rule, on this device's positions and classes -----------
-
-
-def total_ct(plan: Plan, shapes):
-    """The cotangents of ``Σ loss`` and zero for the auxiliary outputs (``mode="sum"``),
-    for a core whose chunk outputs have ``shapes``."""
-    loss, aux = _zeros(plan, shapes)
-    return [jnp.ones_like(loss)] + [
-        jnp.zeros_like(a) for a, f in zip(jax.tree.leaves(aux), float_leaves(aux), strict=True)
-        if f
-    ]
 
 
 def _policy(member, policy: str) -> str:
@@ -213,16 +197,11 @@ def work(kind: Work, plan: Plan, members, rows, counted, arrays, saved=None, ct=
         if len(variants) > 1:
             return _by_platform(kind, variants, members, rows, counted, arrays, saved, ct)
         plan = next(iter(variants))
-    shapes = chunk_shapes(plan, members, rows, counted, arrays) if kind.outputs else None
-    if kind.outputs and not kind.saved:
-        shapes = (shapes[0], None)
-    if kind.sums and kind.grads:
-        ct = total_ct(plan, shapes[0])
     body = partial(chunk_step, plan, kind, members, rows, counted, arrays, saved, ct)
-    init = (_zeros(plan, shapes) if kind.outputs else None,
-            grad_init(plan, members) if kind.grads else None)
-    values, grads = jax.lax.fori_loop(0, _num_chunks(plan), body, carry_init(body, init))
-    return _result(kind, values, grads)
+    grads = grad_init(plan, members) if kind.grads else None
+    init = carry_init(lambda i, grads: body(grads, i)[0], grads)
+    grads, values = jax.lax.scan(body, init, jnp.arange(_num_chunks(plan)))
+    return _result(kind, plan, values, grads)
 
 
 def _variants(plan: Plan, members) -> dict:
@@ -241,15 +220,26 @@ def _by_platform(kind: Work, variants: dict, *args):
     return jax.lax.platform_dependent(*args, default=branches["cuda"], **branches)
 
 
-def _result(kind: Work, values, grads):
-    """What :func:`work` returns for ``kind``, from the loop's carries."""
+def _result(kind: Work, plan: Plan, values, grads):
+    """What :func:`work` returns for ``kind``, from the scan's gradients and stacked values."""
     if kind.sums:
-        values = sums(values[0])
-    elif values is not None and not kind.saved:
-        values = values[0]
+        values = sums(values[0], axes=2)  # stale rows of the last chunk are not counted: 0
+    elif values is not None:
+        values = jax.tree.map(partial(_unchunk, plan), values if kind.saved else values[0])
     if not kind.grads:
         return values
     return grads if values is None else (values, grads)
+
+
+def _unchunk(plan: Plan, x):
+    """``[chunks, C, ...]`` per-chunk rows as ``[N, ...]``: the last chunk ends at ``N``, so
+    its first ``chunks·C − N`` rows repeat positions of the chunk before it."""
+    n, c = x.shape[:2]
+    extra = n * c - plan.num_positions
+    if extra == 0:
+        return x.reshape((n * c,) + x.shape[2:])
+    head = x[:-1].reshape(((n - 1) * c,) + x.shape[2:])
+    return jnp.concatenate([head, x[-1, extra:]], axis=0)
 
 
 def float_cts(ct) -> list:
