@@ -177,13 +177,9 @@ def _fused(core, logits, rows, counted, mode, options, trainable, auto):
         # The positions keep their axes: the partitioned ops split each as it
         # is placed (a sequence axis too) and flatten each device's block.
         per_position, summed = partitioned_vjps(tuple(chunks))
-        members = tuple(
-            m._replace(hidden=m.hidden.reshape(x.hidden.shape)) if isinstance(x, LinearLogits)
-            else Dense(m.logits.reshape(x.shape))
-            for x, m in zip(logits, members, strict=True)
-        )
-        rows, counted = jax.tree.map(lambda r: r.reshape(position_shape + r.shape[1:]), rows), \
-            counted.reshape(position_shape)
+        unflat = partial(_unflatten, position_shape=position_shape)
+        members = tuple(m.map_positions(unflat) for m in members)
+        rows, counted = unflat((rows, counted))
     try:
         if mode == "sum":
             return summed(plan, members, rows, counted, arrays)

@@ -109,6 +109,10 @@ class Linear(NamedTuple):
     def num_classes(self) -> int:
         return self.kernel.shape[1]
 
+    def map_positions(self, f):
+        """The member with ``f`` applied to its per-position array (``hidden``)."""
+        return self._replace(hidden=f(self.hidden))
+
     def rows(self, start, size, mask):
         """``(h, logits)`` of one chunk; rows not counted are zeroed first (NaN-safe)."""
         acc = float_dtype(self.hidden.dtype, self.kernel.dtype)
@@ -127,6 +131,10 @@ class Dense(NamedTuple):
     @property
     def num_classes(self) -> int:
         return self.logits.shape[-1]
+
+    def map_positions(self, f):
+        """The member with ``f`` applied to its per-position array (the logits)."""
+        return Dense(f(self.logits))
 
     def rows(self, start, size, mask):
         del mask

@@ -270,8 +270,8 @@ def custom_vjps(run):
     """The two ``custom_vjp``s of the engine, over ``run(kind, plan, *arrays)`` (a :class:`Work`).
 
     ``run`` is :func:`work` on one device (or inside ``shard_map``), or the
-    same work partitioned over a mesh. ``"positions"``: per-position outputs,
-    whose backward pass recomputes each chunk's logits; ``"sum"``: sums over
+    same work partitioned over a mesh. ``per_position``: per-position outputs,
+    whose backward pass recomputes each chunk's logits; ``summed``: sums over
     positions, whose gradients are computed in the forward pass.
     """
 

@@ -102,8 +102,7 @@ def _flat_work(kind: Work, plan, npos: int, members, rows, counted, arrays, save
     shape = counted.shape[:npos]
     n = math.prod(shape)
     flat = lambda x: x.reshape((n,) + x.shape[npos:])
-    members = tuple(jax.tree.map(flat, m) if not is_linear(m) else m._replace(hidden=flat(m.hidden))
-                    for m in members)
+    members = tuple(m.map_positions(flat) for m in members)
     rows, counted, saved, ct = jax.tree.map(flat, (rows, counted, saved, ct))
     if lower is not None:
         plan = lower(plan, members, counted)
