@@ -198,9 +198,10 @@ def work(kind: Work, plan: Plan, members, rows, counted, arrays, saved=None, ct=
             return _by_platform(kind, variants, members, rows, counted, arrays, saved, ct)
         plan = next(iter(variants))
     body = partial(chunk_step, plan, kind, members, rows, counted, arrays, saved, ct)
-    grads = grad_init(plan, members) if kind.grads else None
-    init = carry_init(lambda i, grads: body(grads, i)[0], grads)
-    grads, values = jax.lax.scan(body, init, jnp.arange(_num_chunks(plan)))
+    grads = None
+    if kind.grads:  # the only carry: inside shard_map it needs the body's mesh variance
+        grads = carry_init(lambda i, g: body(g, i)[0], grad_init(plan, members))
+    grads, values = jax.lax.scan(body, grads, jnp.arange(_num_chunks(plan)))
     return _result(kind, plan, values, grads)
 
 
